@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Build llama.cpp's server, quantizer, perplexity and tokenizer tools once, and cache them.
+#
+# llama.cpp is not packaged for Debian 12, and nothing but package registries is reachable, so the source
+# comes from the llama-cpp-python sdist on PyPI, which vendors a full llama.cpp tree (the pin below fixes
+# which one). GGML_NATIVE=OFF: a -march=native build died with SIGILL/SIGSEGV on our CI machines.
+#
+# Usage: bash setup/build_llama_cpp.sh [--force] [--print-dir]
+#   LOFT_CACHE (default ~/.cache/loft) holds llama.cpp/<pin>/{src,bin}; LLAMA_CPP_PYTHON_VERSION overrides the pin.
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+TARGETS=(llama-server llama-quantize llama-perplexity llama-tokenize)
+CACHE="${LOFT_CACHE:-$HOME/.cache/loft}"
+DEST="$CACHE/llama.cpp/$LLAMA_CPP_PYTHON_VERSION"
+PY="${PYTHON:-python3}"
+
+force=0
+case "${1:-}" in
+  --force) force=1 ;;
+  --print-dir) echo "$DEST"; exit 0 ;;
+  -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "build_llama_cpp.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+esac
+
+have_all() { for t in "${TARGETS[@]}"; do [[ -x "$DEST/bin/$t" ]] || return 1; done; [[ -f "$DEST/src/convert_hf_to_gguf.py" ]]; }
+if [[ $force == 0 ]] && have_all; then
+  echo "llama.cpp $LLAMA_CPP_PYTHON_VERSION: cached in $DEST"
+  exit 0
+fi
+
+for tool in cmake c++ make; do
+  command -v "$tool" >/dev/null || { echo "build_llama_cpp.sh: $tool not found; install it (Debian: apt-get install cmake build-essential)" >&2; exit 1; }
+done
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo "llama.cpp: fetching the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
+"$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
+tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+src="$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)"
+
+jobs="$(nproc)"
+echo "llama.cpp: building ${TARGETS[*]} with $jobs jobs (about 8 minutes on 2 cores)"
+cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+  -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF >"$work/configure.log" 2>&1 \
+  || { tail -20 "$work/configure.log" >&2; echo "build_llama_cpp.sh: cmake configure failed" >&2; exit 1; }
+cmake --build "$work/build" -j "$jobs" --target "${TARGETS[@]}" 2>&1 \
+  | grep --line-buffered -E '^\[ *[0-9]+%\] (Linking|Built target)' || true
+for t in "${TARGETS[@]}"; do
+  [[ -x "$work/build/bin/$t" ]] || { echo "build_llama_cpp.sh: $t was not built; rerun with output: cmake --build $work/build" >&2; exit 1; }
+done
+
+# Install atomically: a half-copied cache would look complete to the check above.
+stage="$CACHE/llama.cpp/.stage-$$"
+rm -rf "$stage"; mkdir -p "$stage/bin"
+cp "${TARGETS[@]/#/$work/build/bin/}" "$stage/bin/"
+mkdir -p "$stage/src"
+# The converter and the gguf-py it was written against (the tree's models/ holds only test vocabularies).
+cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE" "$stage/src/"
+echo "$LLAMA_CPP_PYTHON_VERSION" >"$stage/VERSION"
+rm -rf "$DEST"; mv "$stage" "$DEST"
+echo "llama.cpp $LLAMA_CPP_PYTHON_VERSION: built into $DEST"

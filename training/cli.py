@@ -1,0 +1,58 @@
+"""`loft` — one verb, one module. Each module defines HELP, EXAMPLE, add_arguments(parser) and run(args).
+
+Verb modules keep heavy imports (torch, axolotl) inside run(), so `loft --help` and `loft doctor` start fast.
+"""
+
+import argparse
+import sys
+
+from training import data, model, train, merge, export, serve, demo
+from training.errors import LoftError
+from training.paths import apply_private_env
+from benchmarks import bench, report
+
+VERBS = {
+    "model": model,  # embedded default model -> HF dir
+    "data": data,  # Shakespeare (or your writing) -> chat JSONL
+    "train": train,  # Axolotl training of a recipe
+    "merge": merge,  # PEFT merge onto the full-precision base + fidelity check
+    "export": export,  # llama.cpp GGUF conversion and quantization
+    "serve": serve,  # llama-server / vLLM behind an OpenAI-compatible API
+    "bench": bench,  # style transfer and other benchmarks
+    "report": report,  # runs/<name>/report.md from saved results
+    "demo": demo,  # the whole pipeline on the embedded default
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loft", description="Fine-tune, merge, export, serve and benchmark.")
+    parser.add_argument("--online", action="store_true", help="allow Hugging Face Hub access (off by default)")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, module in VERBS.items():
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=f"example: {module.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    apply_private_env(online=args.online)
+    try:
+        return int(args._run(args) or 0)
+    except LoftError as err:
+        print(f"loft {args.verb}: error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print(f"loft {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Recipes: read an Axolotl YAML, apply `key=value` overrides, write the resolved copy into the run folder.
+
+This is the one place config plumbing lives. Overrides must name keys Axolotl knows (its own pydantic
+schema decides), so a typo fails here instead of being dropped silently.
+"""
+
+import difflib
+from pathlib import Path
+
+import yaml
+
+from training.errors import LoftError
+from training.paths import RUNS
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LoftError(f"recipe {path} not found; recipes live in recipes/<model>/<recipe>.yaml")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LoftError(f"{where}: YAML syntax error: {problem}; fix the indentation or quoting there") from None
+    if not isinstance(cfg, dict):
+        raise LoftError(f"{path}: a recipe is a YAML mapping of Axolotl keys, got {type(cfg).__name__}")
+    return cfg
+
+
+def axolotl_keys() -> set[str]:
+    """Every top-level key Axolotl 0.19's config schema accepts (fields and their aliases)."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    keys = set()
+    for name, field in AxolotlInputConfig.model_fields.items():
+        keys.add(name)
+        if field.alias:
+            keys.add(field.alias)
+    return keys
+
+
+def check_key(key: str, known: set[str]) -> None:
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise LoftError(f"unknown Axolotl key `{key}`{hint}")
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """`--set key=value` (value parsed as YAML); nested keys with dots: `trl.beta=0.1`."""
+    if not overrides:
+        return cfg
+    known = axolotl_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise LoftError(f"override `{item}` is not key=value (example: --set learning_rate=1e-4)")
+        key, raw = item.split("=", 1)
+        check_key(key.split(".")[0], known)
+        value = yaml.safe_load(raw) if raw else None
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def default_run_name(recipe: Path) -> str:
+    return f"{recipe.resolve().parent.name}-{recipe.stem}"
+
+
+def resolve(recipe: Path, name: str | None, overrides: list[str]) -> tuple[Path, dict]:
+    """Return (run_dir, resolved cfg) with outputs pointed into runs/<name>/."""
+    cfg = apply_overrides(load(recipe), overrides)
+    run_dir = RUNS / (name or default_run_name(recipe))
+    cfg["output_dir"] = str(run_dir / "adapter")
+    cfg["dataset_prepared_path"] = str(run_dir / "prepared")
+    return run_dir, cfg
+
+
+def write(cfg: dict, run_dir: Path, recipe: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "recipe.yaml"
+    header = f"# Resolved by loft from {recipe} (overrides applied). Axolotl trained this exact file.\n"
+    out.write_text(header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return out

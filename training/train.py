@@ -1,0 +1,61 @@
+"""`loft train RECIPE`: resolve the recipe into runs/<name>/, then hand it to Axolotl unchanged.
+
+Training is Axolotl's (`accelerate launch -m axolotl.cli.train`); this verb only adds the run folder,
+overrides that fail loudly on unknown keys, the private environment, and all CPU threads on a CPU machine
+(accelerate defaults a non-CPU launch to one OpenMP thread).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from training import recipe as recipes
+from training.errors import LoftError
+from training.paths import REPO
+
+HELP = "Train a recipe with Axolotl into runs/<name>/ (overrides with --set key=value)."
+EXAMPLE = "loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick"
+
+
+def launch(resolved: Path, log_path: Path | None = None) -> None:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "axolotl.cli.train", str(resolved)]
+    log = open(log_path, "w") if log_path else None
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # show Axolotl's own progress, keep a copy in train.log
+            sys.stdout.write(line)
+            if log:
+                log.write(line)
+        rc = proc.wait()
+    finally:
+        if log:
+            log.close()
+    if rc != 0:
+        where = f"; see {log_path}" if log_path else ""
+        raise LoftError(f"Axolotl training failed (exit {rc}){where}", code=rc if rc > 0 else 1)
+
+
+def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None) -> Path:
+    """Resolve and train; return the run folder (adapter in run_dir/adapter)."""
+    run_dir, cfg = recipes.resolve(recipe, name, overrides or [])
+    resolved = recipes.write(cfg, run_dir, recipe)
+    print(f"loft train: {recipe} -> {run_dir}")
+    launch(resolved, run_dir / "train.log")
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        raise LoftError(f"training finished but wrote no adapter in {run_dir / 'adapter'}; see {run_dir / 'train.log'}")
+    return run_dir
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", type=Path, help="an Axolotl recipe, e.g. recipes/smollm2-135m/lora-cpu.yaml")
+    parser.add_argument("--name", help="run name (default: <model folder>-<recipe>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key (repeatable; unknown keys are rejected)")
+
+
+def run(args) -> int:
+    train(args.recipe, args.name, args.overrides)
+    return 0
