@@ -96,7 +96,7 @@ def pipeline(name: str = "demo", steps: int | None = None) -> Path:
     outputs = {}
     for label, gguf in (("base", base_gguf()), ("fine-tuned", tuned)):
         with llama_server(gguf) as url:
-            outputs[label] = generate.openai_chat(url, prompts, model=gguf.stem, **GEN)
+            outputs[label] = generate.openai_chat(url, prompts, model=gguf.stem, identity=gguf, **GEN)
 
     stage("style benchmark")
     result = style.style_report(refs, outputs, baseline="base")

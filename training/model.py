@@ -22,6 +22,7 @@ HELP = "Convert the embedded SmolLM2-135M-Instruct GGUF into a cached HF model d
 EXAMPLE = "loft model   # prints the directory"
 
 NAME = "smollm2-135m-instruct"
+FIX_MARKER, FIX_VERSION = ".loft-tokenizer-fix", 2  # bump when fix_tokenizer changes: caches are repaired
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -60,6 +61,15 @@ def fix_tokenizer(model_dir: Path) -> None:
     tok["model"]["byte_fallback"] = False
     tok["model"]["fuse_unk"] = False
     tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    # SmolLM2 splits every number character on its own before the byte-level split; without this HF and
+    # llama.cpp disagree on text such as "½" or "①" (plain ASCII digits happen to agree either way).
+    tok["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
     tok_path.write_text(json.dumps(tok, ensure_ascii=False, indent=1))
 
     cfg_path = model_dir / "tokenizer_config.json"
@@ -82,12 +92,16 @@ def fix_tokenizer(model_dir: Path) -> None:
         conf.update(bos_token_id=1, eos_token_id=2, pad_token_id=2)
         conf.pop("_model_name_or_path", None)
         path.write_text(json.dumps(conf, indent=2))
+    (model_dir / FIX_MARKER).write_text(str(FIX_VERSION))
 
 
 def ensure_default_model(quiet: bool = False) -> Path:
     """Return the cached HF directory, converting the GGUF on first use (atomic: temp dir, then rename)."""
     out = default_model_dir()
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        marker = out / FIX_MARKER
+        if not marker.exists() or marker.read_text() != str(FIX_VERSION):
+            fix_tokenizer(out)  # an older cache: repair it in place (idempotent)
         link_into_repo(out)
         return out
     import torch

@@ -1,0 +1,283 @@
+"""`loft report RUN_DIR`: RUN_DIR/report.md and report.html from the results saved in the run folder.
+
+Nothing is recomputed: the report reads only the files below, so one command regenerates it at any time
+(and a missing file just leaves its section out). Every writer in Loft uses these names.
+"""
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+from training.errors import LoftError
+
+# ---------------------------------------------------------------- the saved results of a run, by file name
+STYLE_JSON = "style.json"  # `loft bench style`: benchmarks.style.style_report(...) + "samples"
+VERSUS_JSON = "versus.json"  # `loft bench versus`: {"tasks": {task: benchmarks.versus.head_to_head(...)}}
+FAITHFULNESS_JSON = "faithfulness.json"  # `loft bench faithfulness`: faithfulness.faithfulness_report(...)
+MERGE_JSON = "merge-report.json"  # `loft merge`: fidelity of the merged model against adapter-on-base
+EXPORT_JSON = "export-report.json"  # `loft export`: GGUF files, sizes, perplexities
+PIPELINE_JSON = "pipeline.json"  # `loft demo`: seconds per stage
+EVENTS_GLOB = "adapter/runs/**/events.out.tfevents.*"  # TensorBoard logs that Axolotl writes while training
+REPORT_MD, REPORT_HTML, FIGURES = "report.md", "report.html", "report-figures"
+
+HELP = "Write RUN_DIR/report.md and report.html (loss curves, benchmark scores, samples) from saved results."
+EXAMPLE = "loft report runs/demo"
+
+
+# ---------------------------------------------------------------- reading
+def _load(run_dir: Path, name: str):
+    path = run_dir / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LoftError(f"{path} is not valid JSON ({err}); rerun the step that writes it") from None
+
+
+def loss_curves(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], Path | None]:
+    """Scalars whose tag ends in 'loss', from the newest TensorBoard event file (a retrain writes a new one)."""
+    files = sorted(run_dir.glob(EVENTS_GLOB), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}, None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(files[-1]), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    curves = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+              for tag in acc.Tags()["scalars"] if tag.split("/")[-1] == "loss"}
+    return curves, files[-1]
+
+
+# ---------------------------------------------------------------- figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(curves: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for tag, points in sorted(curves.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) < 12 else None, label=tag)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(title: str, names: list[str], values: list[float], cis: list, ylabel: str, path: Path,
+              lines: dict[str, float] | None = None) -> None:
+    """Bars with 95% interval whiskers (intervals may be [None, None] when there is none)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(3.5, 1.3 * len(names) + 2), 3.4))
+    values = [v if v is not None else 0.0 for v in values]  # an undefined score draws no bar
+    lower = [v - ci[0] if ci and ci[0] is not None else 0 for v, ci in zip(values, cis)]
+    upper = [ci[1] - v if ci and ci[1] is not None else 0 for v, ci in zip(values, cis)]
+    ax.bar(names, values, yerr=[lower, upper], capsize=6, color="#4c72b0")
+    ax.axhline(0, color="black", linewidth=0.8)
+    for label, y in (lines or {}).items():
+        ax.axhline(y, color="gray", linestyle="--", linewidth=1)
+        ax.annotate(label, (1, y), xycoords=("axes fraction", "data"), ha="right", va="bottom", color="gray")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_versus(tasks: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 1.0 + 0.7 * len(tasks)))
+    for i, (task, r) in enumerate(tasks.items()):
+        left = 0
+        for key, color in (("wins", "#55a868"), ("ties", "#bbbbbb"), ("losses", "#c44e52")):
+            share = r[key] / r["items"]
+            ax.barh(i, share, left=left, color=color, label=key if i == 0 else None)
+            left += share
+    ax.set_yticks(range(len(tasks)), [f"{t}\n(p={r['p_value']:.3g})" for t, r in tasks.items()])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"share of items ({next(iter(tasks.values()))['a']} vs {next(iter(tasks.values()))['b']})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- markdown
+def _cell(text) -> str:
+    return html.escape(str(text), quote=False).replace("|", "&#124;").replace("\n", "<br>")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(x, spec="{:.1f}") -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "–"
+    return spec.format(round(x, 9) + 0.0 if isinstance(x, float) else x)  # + 0.0: no "-0.000"
+
+
+def fmt_ci(ci, spec="{:.1f}") -> str:
+    return f"[{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]" if ci and ci[0] is not None else "–"
+
+
+def _size(n) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def style_section(style: dict, figures: Path) -> list[str]:
+    scores = style["scores"]
+    names = list(scores)
+    plot_bars("Style transfer score (95% CI)", names, [scores[n]["score"] for n in names],
+              [scores[n]["ci95"] for n in names], "score", figures / "style.png", lines={"author": 100})
+    out = ["## Style transfer", "",
+           f"Score 0 = the baseline ({style['settings']['baseline']}), 100 = a second sample of the author's own "
+           "held-out text; 95% bootstrap intervals over prompts. Definitions: benchmarks/README.md.", "",
+           f"![style scores]({FIGURES}/style.png)", ""]
+    comps = list(next(iter(scores.values()))["components"])
+    out.append(table(["model", "score", "95% CI"] + comps,
+                     [[n, fmt(s["score"]), fmt_ci(s["ci95"])] +
+                      [fmt(s["components"][c]["distance"], "{:.3f}") for c in comps] for n, s in scores.items()]))
+    out += ["", "Component columns are distances to the author's text (lower is closer); "
+            f"author vs author: {', '.join(f'{c} {v:.3f}' for c, v in style.get('author', {}).items())}.", ""]
+    freq = style.get("frequencies")
+    if freq:
+        words = list(next(iter(freq.values())))[:12]
+        out += ["Most frequent words, per 1,000 words:", "",
+                table(["text"] + words, [[g] + [fmt(f[w], "{:.1f}") for w in words] for g, f in freq.items()]), ""]
+    samples = style.get("samples")
+    if samples:
+        out += ["### Voice comparison", "", table(list(samples[0]), [list(s.values()) for s in samples]), ""]
+    return out
+
+
+def versus_section(versus: dict, figures: Path) -> list[str]:
+    tasks = versus["tasks"]
+    plot_versus(tasks, figures / "versus.png")
+    rows = [[t, r["a"], r["b"], r["items"], r["wins"], r["ties"], r["losses"], f"{100 * r['win_rate']:.0f}%",
+             f"{100 * r['accuracy_a']:.0f}% / {100 * r['accuracy_b']:.0f}%", fmt(r["p_value"], "{:.3g}")]
+            for t, r in tasks.items()]
+    return ["## Head to head", "", f"![head to head]({FIGURES}/versus.png)", "",
+            table(["task", "A", "B", "items", "wins", "ties", "losses", "win rate", "accuracy A / B", "p"], rows),
+            "", "p: McNemar's exact test (two-sided binomial on the items only one model got right).", ""]
+
+
+def faithfulness_section(faith: dict, figures: Path) -> list[str]:
+    models = faith["models"]
+    names = list(models)
+    plot_bars("Summaries with unsupported names or numbers", names,
+              [100 * models[n]["flagged"]["share"] for n in names],
+              [[100 * x for x in models[n]["flagged"]["ci95"]] for n in names], "% of summaries",
+              figures / "faithfulness.png")
+    rows = [[n, f"{100 * m['flagged']['share']:.0f}% ({m['flagged']['count']}/{m['flagged']['of']})",
+             fmt_ci([100 * x for x in m["flagged"]["ci95"]], "{:.0f}"),
+             f"{100 * m['unsupported_entity']['share']:.0f}%", f"{100 * m['unsupported_number']['share']:.0f}%",
+             fmt(m["novel_2gram"], "{:.2f}"), fmt(m["mean_words"], "{:.0f}")] for n, m in models.items()]
+    return ["## Faithfulness (heuristic)", "", f"![faithfulness]({FIGURES}/faithfulness.png)", "",
+            table(["model", "flagged", "95% CI (%)", "entity", "number", "novel bigrams", "words"], rows), "",
+            "Flagged: a capitalised name or a number absent from the source. A heuristic; what it misses is in "
+            "benchmarks/README.md.", ""]
+
+
+def merge_section(merge: dict) -> list[str]:
+    flat = {k: v for k, v in merge.items() if not isinstance(v, (dict, list))}
+    for key, value in merge.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+    rows = [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in flat.items()]
+    return ["## Merge fidelity", "", table(["check", "value"], rows), ""]
+
+
+def export_section(export: dict) -> list[str]:
+    rows = [[f["quant"], _size(f["bytes"]), fmt(f.get("ppl"), "{:.3f}"),
+             fmt(100 * f["ppl_vs_f16"], "{:+.2f}%") if f.get("ppl_vs_f16") is not None else "–",
+             f.get("file") or "(not kept)"] for f in export["files"]]
+    text = (export.get("eval") or {}).get("text")
+    return ["## Export (GGUF)", "", table(["quant", "size", "perplexity", "vs F16", "file"], rows), "",
+            f"Perplexity on: {text}." if text else "", ""]
+
+
+# ---------------------------------------------------------------- the report
+def render(run_dir) -> Path:
+    """Write run_dir/report.md (+ report.html, report-figures/*.png); return the .md path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LoftError(f"{run_dir} is not a folder; pass a run folder such as runs/demo")
+    loaded = {n: _load(run_dir, n) for n in (STYLE_JSON, VERSUS_JSON, FAITHFULNESS_JSON, MERGE_JSON,
+                                              EXPORT_JSON, PIPELINE_JSON)}
+    curves, events = loss_curves(run_dir)
+    if not curves and not any(loaded.values()):
+        raise LoftError(f"nothing to report in {run_dir}: no TensorBoard logs under adapter/runs and none of "
+                        f"{', '.join(loaded)}; run `loft train` or `loft bench ...` with --run {run_dir}")
+    figures = run_dir / FIGURES
+    figures.mkdir(exist_ok=True)
+    md = [f"# Run report: {run_dir.name}", "",
+          f"Regenerate with `loft report {run_dir}`; every number comes from the JSON files in this folder.", ""]
+    if curves:
+        plot_losses(curves, figures / "loss.png")
+        md += ["## Training", "", f"![loss curves]({FIGURES}/loss.png)", "",
+               table(["curve", "points", "first", "last"],
+                     [[t, len(p), f"{p[0][1]:.4f}", f"{p[-1][1]:.4f}"] for t, p in sorted(curves.items())]),
+               "", f"From {events.relative_to(run_dir)}.", ""]
+    if loaded[STYLE_JSON]:
+        md += style_section(loaded[STYLE_JSON], figures)
+    if loaded[VERSUS_JSON]:
+        md += versus_section(loaded[VERSUS_JSON], figures)
+    if loaded[FAITHFULNESS_JSON]:
+        md += faithfulness_section(loaded[FAITHFULNESS_JSON], figures)
+    if loaded[MERGE_JSON]:
+        md += merge_section(loaded[MERGE_JSON])
+    if loaded[EXPORT_JSON]:
+        md += export_section(loaded[EXPORT_JSON])
+    if loaded[PIPELINE_JSON]:
+        md += ["## Time per stage", "", table(["stage", "seconds"], list(loaded[PIPELINE_JSON].items())), ""]
+    text = "\n".join(md)
+    (run_dir / REPORT_MD).write_text(text, encoding="utf-8")
+    (run_dir / REPORT_HTML).write_text(to_html(text, run_dir, run_dir.name), encoding="utf-8")
+    return run_dir / REPORT_MD
+
+
+def to_html(md: str, run_dir: Path, title: str) -> str:
+    """One self-contained page: the Markdown rendered, the PNGs inlined as base64."""
+    import markdown
+
+    body = markdown.markdown(md, extensions=["tables"])
+
+    def inline(match):
+        data = base64.b64encode((run_dir / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "vertical-align:top;font-size:14px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/demo")
+
+
+def run(args) -> int:
+    path = render(args.run_dir)
+    print(f"loft report: {path} and {path.with_name(REPORT_HTML)}")
+    return 0

@@ -1,0 +1,403 @@
+"""`loft serve`: put a model behind an OpenAI-compatible API.
+
+MODEL picks the engine (or --engine does):
+  *.gguf        -> llama.cpp's llama-server (the cached build), with production flags:
+                   -c CTX×PARALLEL with --parallel slots (every slot gets the full --ctx), continuous
+                   batching (-cb), --jinja (the chat template embedded in the GGUF renders the prompts),
+                   -fa auto, --no-webui and --no-slots (no browser UI, no endpoint listing live prompts),
+                   --metrics (Prometheus), -ngl 999 only when nvidia-smi sees a GPU (this build is CPU-only
+                   unless rebuilt with CUDA; --gpu-layers overrides). The API key goes to the child via
+                   LLAMA_API_KEY so it never shows in `ps`.
+  a directory   -> vLLM (`vllm serve DIR ...`): --dtype from config.json, --max-model-len, --chat-template
+                   from the directory, --served-model-name. vLLM needs a CUDA machine; --dry-run prints the
+                   command anywhere.
+Bound to 127.0.0.1 unless --host says otherwise. Startup waits for GET /health (fails with the server's
+last log lines if it dies); Ctrl-C stops the server (SIGTERM to the child, SIGKILL after 10 s).
+--smoke sends one chat completion with the `openai` client, prints the answer and latency, then stops.
+
+Python: `with llama_server("model.gguf") as base_url:` starts llama-server on a free port and yields the
+OpenAI base URL (http://127.0.0.1:PORT/v1); `openai.OpenAI(base_url=base_url, api_key=...)` talks to it.
+"""
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from training import llama_cpp
+from training.errors import LoftError
+
+HELP = "Serve a GGUF with llama-server (or a merged HF dir with vLLM) behind an OpenAI-compatible API."
+EXAMPLE = "loft serve merged_models/smollm2-shakespeare/gguf/smollm2-shakespeare-Q4_K_M.gguf --api-key sk-local --smoke"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_CTX = 4096
+DEFAULT_PARALLEL = 4
+STARTUP_TIMEOUT = 300.0
+SMOKE_PROMPT = "What is the capital of France? Answer in one word."
+
+
+# ---------------------------------------------------------------- helpers
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        return s.connect_ex((_client_host(host), port)) == 0
+
+
+def _client_host(host: str) -> str:
+    """Where a local client connects for a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _pdeathsig_preexec():
+    """A preexec_fn that makes the child get SIGTERM when its parent dies (Linux), so a killed `loft` or test run
+    leaves no server behind. libc's prctl is looked up here, in the parent: the child only calls it.
+    Only for servers started from the main thread: the signal fires when the *thread* that started the child
+    exits, which would kill a server started from a short-lived worker thread."""
+    if threading.current_thread() is not threading.main_thread() or not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _health(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+class Server:
+    """A supervised server process: start(), wait_ready(), stop(). Its log goes to a file."""
+
+    def __init__(self, cmd: list[str], env: dict, root_url: str, log_path: Path, name: str):
+        self.cmd, self.env, self.log_path, self.name = cmd, env, Path(log_path), name
+        self.root_url = root_url  # native endpoints: /health, /tokenize, /metrics ...
+        self.base_url = root_url + "/v1"  # the OpenAI base_url
+        self.health_url = root_url + "/health"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop the child deliberately
+            preexec_fn=_pdeathsig_preexec(),
+        )
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        return llama_cpp.tail(self.log_path, lines)
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Poll /health until 200; raise LoftError if the process exits or the timeout passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                print(self.log_tail(), file=sys.stderr)
+                raise LoftError(f"{self.name} exited with code {code} before it was ready (log: {self.log_path})")
+            if _health(self.health_url) == 200 and self.proc.poll() is None:
+                return
+            if time.monotonic() > deadline:
+                print(self.log_tail(), file=sys.stderr)
+                raise LoftError(f"{self.name} was not ready after {timeout:.0f}s (log: {self.log_path})")
+            time.sleep(0.2)
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+# ---------------------------------------------------------------- llama.cpp
+def llama_server_command(
+    gguf_path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    ctx: int = DEFAULT_CTX,
+    parallel: int = DEFAULT_PARALLEL,
+    gpu_layers: int | None = None,
+    threads: int | None = None,
+    alias: str | None = None,
+) -> list[str]:
+    """The llama-server argv (the API key is not in it: it goes through the LLAMA_API_KEY variable)."""
+    gguf_path = Path(gguf_path)
+    server = "llama-server"
+    cmd = [str(llama_cpp.binary(server)), "-m", str(gguf_path), "--alias", alias or gguf_path.stem]
+    cmd += ["--host", host, "--port", str(port)]
+    cmd += ["-c", str(ctx * parallel), "--parallel", str(parallel)]  # ctx is split across slots
+    if llama_cpp.supports_flag(server, "-cb"):
+        cmd.append("-cb")
+    if llama_cpp.supports_flag(server, "--jinja"):
+        cmd.append("--jinja")
+    if llama_cpp.supports_flag(server, "-fa"):
+        cmd += ["-fa", "auto"]
+    for flag in ("--no-webui", "--no-slots", "--metrics"):
+        if llama_cpp.supports_flag(server, flag):
+            cmd.append(flag)
+    if gpu_layers is None and llama_cpp.has_gpu():
+        gpu_layers = 999
+    if gpu_layers is not None:
+        cmd += ["-ngl", str(gpu_layers)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+def _check_gguf(gguf_path: Path) -> None:
+    if not gguf_path.is_file():
+        raise LoftError(f"{gguf_path} does not exist; export one with `loft export MERGED_DIR`")
+    with open(gguf_path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise LoftError(f"{gguf_path} is not a GGUF file; export one with `loft export MERGED_DIR`")
+
+
+def start_llama_server(
+    gguf_path,
+    host: str = DEFAULT_HOST,
+    port: int | None = None,
+    api_key: str | None = None,
+    ctx: int = DEFAULT_CTX,
+    parallel: int = DEFAULT_PARALLEL,
+    gpu_layers: int | None = None,
+    threads: int | None = None,
+    timeout: float = STARTUP_TIMEOUT,
+    log_path=None,
+) -> Server:
+    """Start llama-server and wait until /health answers 200. port=None picks a free one (retried if taken)."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    _check_gguf(gguf_path)
+    env = llama_cpp.tool_env()
+    env.pop("LLAMA_API_KEY", None)
+    if api_key:
+        env["LLAMA_API_KEY"] = api_key
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="loft-llama-server-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    log_path = Path(log_path)
+    if port is not None and port_in_use(host, port):
+        raise LoftError(f"port {port} is already in use on {host}; stop what runs there, or pick another (--port 0: any free port)")
+    attempts = 3 if port is None else 1
+    for attempt in range(attempts):
+        chosen = port if port is not None else free_port(host)
+        cmd = llama_server_command(gguf_path, host, chosen, ctx, parallel, gpu_layers, threads)
+        server = Server(cmd, env, f"http://{_client_host(host)}:{chosen}", log_path, "llama-server")
+        server.start()
+        try:
+            server.wait_ready(timeout)
+            return server
+        except LoftError:
+            server.stop()
+            if attempt + 1 < attempts and "couldn't bind" in server.log_tail(40):
+                continue  # someone took the free port between our check and the bind
+            raise
+        except BaseException:
+            server.stop()
+            raise
+
+
+@contextlib.contextmanager
+def llama_server(
+    gguf_path,
+    port: int | None = None,
+    api_key: str | None = None,
+    ctx: int = DEFAULT_CTX,
+    parallel: int = DEFAULT_PARALLEL,
+    host: str = DEFAULT_HOST,
+    gpu_layers: int | None = None,
+    threads: int | None = None,
+    timeout: float = STARTUP_TIMEOUT,
+    log_path=None,
+):
+    """Run llama-server on a GGUF for the duration of a `with` block; yield the OpenAI base URL (…/v1).
+
+    The native endpoints (/health, /tokenize, /apply-template) live at the URL without the /v1 suffix.
+    The log goes to log_path (default: a temp file, deleted afterwards unless startup failed).
+    """
+    keep_log = log_path is not None
+    server = start_llama_server(gguf_path, host, port, api_key, ctx, parallel, gpu_layers, threads, timeout, log_path)
+    try:
+        yield server.base_url
+    finally:
+        server.stop()
+        if not keep_log:
+            server.log_path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- vLLM
+def config_dtype(model_dir: Path) -> str:
+    """vLLM --dtype from config.json (transformers 5 writes "dtype", older versions "torch_dtype")."""
+    conf = json.loads((model_dir / "config.json").read_text())
+    dtype = conf.get("dtype") or conf.get("torch_dtype") or (conf.get("text_config") or {}).get("dtype")
+    return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(str(dtype), "auto")
+
+
+def vllm_command(
+    model_dir,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    ctx: int = DEFAULT_CTX,
+    api_key: str | None = None,
+) -> list[str]:
+    """The exact `vllm serve` argv for a merged HF directory."""
+    model_dir = Path(model_dir).expanduser().resolve()
+    if not (model_dir / "config.json").is_file():
+        raise LoftError(f"{model_dir} is not a Hugging Face model directory (no config.json); vLLM serves merged models")
+    conf = json.loads((model_dir / "config.json").read_text())
+    limit = conf.get("max_position_embeddings")
+    max_len = min(ctx, limit) if isinstance(limit, int) and limit > 0 else ctx
+    cmd = ["vllm", "serve", str(model_dir), "--served-model-name", model_dir.name]
+    cmd += ["--dtype", config_dtype(model_dir), "--max-model-len", str(max_len)]
+    template = model_dir / "chat_template.jinja"
+    if template.is_file():
+        cmd += ["--chat-template", str(template)]
+    cmd += ["--host", host, "--port", str(port)]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd
+
+
+# ---------------------------------------------------------------- smoke test
+def smoke(base_url: str, api_key: str | None = None, prompt: str = SMOKE_PROMPT, max_tokens: int = 32) -> dict:
+    """One greedy chat completion through the real `openai` client: {"model", "answer", "latency_s"}."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    start = time.perf_counter()
+    resp = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+    )
+    return {"model": model, "answer": resp.choices[0].message.content, "latency_s": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a .gguf file (llama.cpp) or a merged HF directory (vLLM)")
+    parser.add_argument("--engine", choices=("llama.cpp", "vllm"), help="default: llama.cpp for .gguf, vllm for a directory")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    parser.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on every request")
+    parser.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"context per request in tokens (default {DEFAULT_CTX})")
+    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, help=f"llama.cpp slots (default {DEFAULT_PARALLEL})")
+    parser.add_argument("--gpu-layers", type=int, help="llama.cpp layers on the GPU (default: 999 when nvidia-smi finds one, else 0)")
+    parser.add_argument("--threads", type=int, help="llama.cpp CPU threads (default: llama.cpp's choice)")
+    parser.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT, help="seconds to wait for the server to be ready")
+    parser.add_argument("--log", help="server log file (default: a file in the temp dir, printed at startup)")
+    parser.add_argument("--smoke", action="store_true", help="send one chat completion, print answer and latency, stop")
+    parser.add_argument("--dry-run", action="store_true", help="print the server command line and exit")
+
+
+def _engine(model: Path, engine: str | None) -> str:
+    if engine is None:
+        if model.is_dir():
+            return "vllm"
+        if model.suffix.lower() == ".gguf":
+            return "llama.cpp"
+        raise LoftError(f"{model}: pass a .gguf file (llama.cpp) or a merged model directory (vLLM)")
+    if engine == "llama.cpp" and model.is_dir():
+        raise LoftError(f"llama.cpp serves a .gguf file, and {model} is a directory; run `loft export {model}` and pass a .gguf from it")
+    if engine == "vllm" and model.suffix.lower() == ".gguf":
+        raise LoftError("the vllm engine serves a merged HF directory here; pass the directory, or use --engine llama.cpp")
+    return engine
+
+
+def run(args) -> int:
+    with llama_cpp.signals_as_keyboard_interrupt():  # Ctrl-C or SIGTERM (systemd, docker stop) stop the server
+        return _run(args)
+
+
+def _run(args) -> int:
+    model = Path(args.model).expanduser()
+    engine = _engine(model, args.engine)
+    if args.ctx < 128 or args.parallel < 1 or not 0 <= args.port < 65536:
+        raise LoftError("--ctx must be >= 128, --parallel >= 1 and --port in 0..65535")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"loft serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    port = args.port or (None if not args.dry_run else DEFAULT_PORT)
+
+    if engine == "vllm":
+        cmd = vllm_command(model, args.host, port or free_port(args.host), args.ctx, args.api_key)
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return 0
+        if shutil.which("vllm") is None:
+            raise LoftError("vLLM is not installed here (it needs a CUDA GPU: pip install vllm); "
+                            "use --dry-run to print the command, or serve a GGUF with --engine llama.cpp")
+        cmd[0] = shutil.which("vllm")
+        env = dict(os.environ)
+        root = f"http://{_client_host(args.host)}:{cmd[cmd.index('--port') + 1]}"
+        log = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="loft-vllm-", suffix=".log")[1])
+        server = Server(cmd, env, root, log, "vllm")
+    else:
+        _check_gguf(model.resolve())
+        if args.dry_run:
+            cmd = llama_server_command(model.resolve(), args.host, port, args.ctx, args.parallel, args.gpu_layers, args.threads)
+            print(("LLAMA_API_KEY=*** " if args.api_key else "") + shlex.join(cmd))
+            return 0
+        server = None
+
+    clean = False
+    try:
+        if server is None:
+            print(f"loft serve: starting llama-server on {model.name} ...", flush=True)
+            server = start_llama_server(model, args.host, port, args.api_key, args.ctx, args.parallel,
+                                        args.gpu_layers, args.threads, args.timeout, args.log)
+        else:
+            print(f"loft serve: starting vLLM on {model} ...", flush=True)
+            server.start()
+            server.wait_ready(args.timeout)
+        print(f"loft serve: ready at {server.base_url}  (OpenAI base_url; log: {server.log_path})", flush=True)
+        if args.smoke:
+            result = smoke(server.base_url, args.api_key)
+            print(f"loft serve: smoke: {result['answer']!r}  ({result['latency_s']:.2f}s, model {result['model']})")
+            clean = True
+            return 0
+        print("loft serve: Ctrl-C to stop", flush=True)
+        code = server.proc.wait()
+        print(server.log_tail(), file=sys.stderr)
+        raise LoftError(f"{server.name} exited with code {code} (log: {server.log_path})")
+    except KeyboardInterrupt:
+        print("loft serve: stopping", file=sys.stderr)
+        clean = True
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+            if clean and not args.log:  # a temp log is only worth keeping when something went wrong
+                server.log_path.unlink(missing_ok=True)
