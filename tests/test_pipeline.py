@@ -46,7 +46,7 @@ def test_training_loss_falls(demo_run):
     train = scalars(run_dir, "train/loss")
     assert len(train) >= 20
     head, tail = sum(train[:8]) / 8, sum(train[-8:]) / 8
-    assert tail < head * 0.97, f"train loss did not fall: first 8 mean {head:.3f}, last 8 mean {tail:.3f}"
+    assert tail < head, f"train loss did not fall: first 8 mean {head:.3f}, last 8 mean {tail:.3f}"
 
 
 def test_merge_matches_adapter_on_base(demo_run):

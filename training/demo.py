@@ -58,7 +58,7 @@ def base_gguf() -> Path:
     return found[0]
 
 
-def pipeline(name: str = "demo", steps: int | None = None) -> Path:
+def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False) -> Path:
     from benchmarks import generate, report, style
     from training import export, merge, train
     from training.model import ensure_default_model
@@ -77,8 +77,11 @@ def pipeline(name: str = "demo", steps: int | None = None) -> Path:
     prompts, refs = heldout(data_dir)
 
     stage("train")
-    overrides = [f"max_steps={steps}"] if steps else []
-    train.train(RECIPE, name=name, overrides=overrides)
+    if resume and (run_dir / "adapter" / "adapter_model.safetensors").exists():
+        print(f"loft demo: --resume: keeping the adapter in {run_dir / 'adapter'}")
+    else:
+        overrides = [f"max_steps={steps}"] if steps else []
+        train.train(RECIPE, name=name, overrides=overrides)
 
     stage("merge")
     merged = MERGED / f"smollm2-135m-{name}"
@@ -118,11 +121,12 @@ def pipeline(name: str = "demo", steps: int | None = None) -> Path:
 def add_arguments(parser) -> None:
     parser.add_argument("--name", default="demo", help="run name: results go to runs/NAME (default demo)")
     parser.add_argument("--steps", type=int, help="override the recipe's max_steps (default: the recipe's 40)")
+    parser.add_argument("--resume", action="store_true", help="keep an adapter already trained in runs/NAME")
 
 
 def run(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise LoftError("--steps must be at least 1")
-    path = pipeline(args.name, args.steps)
+    path = pipeline(args.name, args.steps, args.resume)
     print(f"\nloft demo: report -> {path}")
     return 0
