@@ -29,15 +29,32 @@ def load(path: str | Path) -> dict:
     return cfg
 
 
-def axolotl_keys() -> set[str]:
-    """Every top-level key Axolotl 0.19's config schema accepts (fields and their aliases)."""
+def axolotl_keys(plugins: list[str] | None = None) -> set[str]:
+    """Every top-level key Axolotl 0.19's schema accepts, plus the keys the recipe's plugins add.
+
+    Axolotl merges each plugin's get_input_args() model into its schema at load time; we do the same.
+    """
+    import importlib
+
     from axolotl.utils.schemas.config import AxolotlInputConfig
 
+    models = [AxolotlInputConfig]
+    for path in plugins or []:
+        module, cls = path.rsplit(".", 1)
+        try:
+            plugin = getattr(importlib.import_module(module), cls)()
+        except (ImportError, AttributeError) as err:
+            raise LoftError(f"plugin `{path}` cannot be imported ({err}); fix the name under `plugins:`") from None
+        args = plugin.get_input_args() or []
+        for arg in [args] if isinstance(args, str) else args:
+            arg_module, arg_cls = arg.rsplit(".", 1)
+            models.append(getattr(importlib.import_module(arg_module), arg_cls))
     keys = set()
-    for name, field in AxolotlInputConfig.model_fields.items():
-        keys.add(name)
-        if field.alias:
-            keys.add(field.alias)
+    for model in models:
+        for name, field in model.model_fields.items():
+            keys.add(name)
+            if field.alias:
+                keys.add(field.alias)
     return keys
 
 
@@ -52,13 +69,18 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """`--set key=value` (value parsed as YAML); nested keys with dots: `trl.beta=0.1`."""
     if not overrides:
         return cfg
-    known = axolotl_keys()
+    known = axolotl_keys(cfg.get("plugins"))
     for item in overrides:
         if "=" not in item:
             raise LoftError(f"override `{item}` is not key=value (example: --set learning_rate=1e-4)")
         key, raw = item.split("=", 1)
         check_key(key.split(".")[0], known)
         value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; Axolotl wants the number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = cfg
         parts = key.split(".")
         for part in parts[:-1]:

@@ -1,0 +1,510 @@
+"""`loft bench speed RECIPE`: tokens/s, peak memory and MFU of a recipe on one GPU, optionally against a
+hand-written TRL baseline in the same invocation.
+
+Nothing is downloaded. The model is random-initialised from the recipe's architecture (training/archs/*.json,
+or --arch), and the data is synthetic: a word-level tokenizer ("w0".."w3999", ChatML specials) whose every
+word is one token, so row lengths are exact. Throughput and memory do not depend on weight or token values.
+
+Data profiles (--data):
+  shakespeare  rows shaped like the recipes' own data (runs/data/shakespeare/train.jsonl): log-normal lengths,
+               median 184 tokens, sigma 0.15 (measured 2026-11-22 with the SmolLM2 tokenizer, 2,000 rows).
+  full         every row fills sequence_len (DPO: prompt a quarter, chosen three quarters, rejected 90% of that).
+
+One throughput measure for every runner (benchmarks/speed_probe.py counts, this module divides):
+  tokens/s = non-padding input tokens of the training forward passes in optimizer steps warmup+1 .. warmup+steps
+             ÷ CUDA-synchronised wall-clock seconds from the end of step `warmup` to the end of the last step.
+  Data loading, logging and the optimizer step are inside the clock; model loading and warm-up are not.
+  MFU = 6 · N_params · tokens/s ÷ the GPU's dense bf16 peak (H100 SXM: 989 TFLOP/s). N_params counts every
+  parameter of the base model, as if all were trained in bf16: for LoRA and QLoRA this is the usual 6N
+  convention, not the hardware's FLOPs (frozen weights need no weight gradients; QLoRA also dequantizes).
+"""
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import random
+import shlex
+import subprocess
+import sys
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from training import recipe as recipes
+from training import train as trainer
+from training.errors import LoftError
+from training.paths import REPO, RUNS
+
+HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs a hand-written TRL baseline."
+EXAMPLE = "loft bench speed recipes/qwen2.5-7b/qlora-sft-8gb.yaml --cap-gib 12 --steps 8 --warmup 2 --vs baseline"
+
+ARCHS = REPO / "training" / "archs"
+BENCH = RUNS / "bench-speed"
+GIB = 2**30
+
+# A 4-layer model of the Qwen2 shape, small enough for a CPU test; vocabulary just above the tokenizer's.
+TINY = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False}
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets; first match wins.
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+               ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
+               ("A10G", 70.0)]
+
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+PAD_ID = 0
+WORDS = 4000
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TURN_TOKENS = 3  # <|im_start|> role ... <|im_end|>: what ChatML adds to each turn
+PROFILES = {"shakespeare": (184, 0.15)}  # (median tokens, log-normal sigma) of a whole row
+
+
+# ---------------------------------------------------------------- architecture and arithmetic
+def _variant_free(name: str) -> str:
+    name = name.lower().split("/")[-1].removeprefix("meta-")
+    for word in ("-bnb-4bit", "-instruct", "-chat", "-it"):
+        name = name.replace(word, "")
+    return name
+
+
+def resolve_arch(base_model: str, arch: str | None = None) -> tuple[str, dict]:
+    """(name, HF config dict) for --arch (tiny, a file, or a training/archs name) or for the recipe's base_model."""
+    if arch == "tiny":
+        return "tiny", dict(TINY)
+    if arch and Path(arch).is_file():
+        return Path(arch).stem, json.loads(Path(arch).read_text())
+    want = _variant_free(arch or base_model)
+    for path in sorted(ARCHS.glob("*.json")):
+        if _variant_free(path.stem) == want:
+            return path.stem, json.loads(path.read_text())
+    known = ", ".join(sorted(p.stem for p in ARCHS.glob("*.json")))
+    raise LoftError(f"no architecture for `{arch or base_model}`; pass --arch tiny, --arch PATH/config.json "
+                    f"or one of: {known}")
+
+
+def n_params(cfg: dict) -> int:
+    """Parameters of a Llama/Qwen2/Mistral-shaped decoder, from its config (Qwen2 has q/k/v biases)."""
+    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    head = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head, cfg["num_key_value_heads"] * head
+    bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if bias else 0)
+    layer = attn + 3 * h * inter + 2 * h
+    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return layers * layer + embed + h
+
+
+def peak_tflops(device: str) -> float | None:
+    return next((tf for key, tf in PEAK_TFLOPS if key.lower() in device.lower()), None)
+
+
+def mfu(params: int, tokens_per_s: float, peak: float | None) -> float | None:
+    return 6 * params * tokens_per_s / (peak * 1e12) if peak and tokens_per_s else None
+
+
+def throughput(marks: list, warmup: int, steps: int) -> dict:
+    """marks[0] = (seconds, tokens) at train begin, marks[k] at the end of optimizer step k (see the docstring)."""
+    if len(marks) < warmup + steps + 1:
+        raise LoftError(f"the run logged {len(marks) - 1} steps, fewer than warmup {warmup} + steps {steps}; "
+                        "the dataset ran out or training stopped early")
+    (t0, n0), (t1, n1) = marks[warmup], marks[warmup + steps]
+    step_s = sorted(b[0] - a[0] for a, b in zip(marks[warmup:warmup + steps], marks[warmup + 1:warmup + steps + 1]))
+    if n1 == n0:
+        raise LoftError("the token counter saw no training tokens; the input embedding was never called with grad")
+    return {"tokens": n1 - n0, "seconds": round(t1 - t0, 3), "tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
+            "tokens_per_step": round((n1 - n0) / steps), "step_s_median": round(step_s[len(step_s) // 2], 3)}
+
+
+def fits(peak_reserved_gib: float | None, cap_gib: float | None) -> bool | None:
+    """Did the run stay inside the cap? (None when no cap or no GPU.) The allocator enforces it; this reports it."""
+    if cap_gib is None or peak_reserved_gib is None:
+        return None
+    return peak_reserved_gib <= cap_gib
+
+
+# ---------------------------------------------------------------- synthetic data and model
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(WORDS)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"], model_max_length=1 << 20)
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    return tok
+
+
+def row_lengths(n: int, data: str, seq_len: int, seed: int = 0) -> list[int]:
+    """Token length of each whole row (template included), clipped into [32, seq_len - 8]."""
+    rng = random.Random(seed)
+    if data == "full":
+        return [seq_len - 8] * n
+    median, sigma = PROFILES[data]
+    return [max(32, min(seq_len - 8, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(n)]
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(f"w{rng.randrange(WORDS)}" for _ in range(max(1, n)))
+
+
+def write_rows(path: Path, task: str, lengths: list[int], seed: int = 0) -> float:
+    """Write chat rows (sft) or preference rows (dpo) of the given token lengths; return the mean row length.
+
+    sft: {"messages": [user, assistant]}, 2 turns of ChatML = 6 template tokens, the rest split 40/60.
+    dpo: {"prompt", "chosen", "rejected"}: prompt a quarter, chosen the rest, rejected 90% of chosen.
+    """
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for n in lengths:
+            body = n - 2 * TURN_TOKENS
+            if task == "sft":
+                user = body * 2 // 5
+                row = {"messages": [{"role": "user", "content": _words(rng, user)},
+                                    {"role": "assistant", "content": _words(rng, body - user)}]}
+            else:
+                prompt = body // 4
+                row = {"prompt": _words(rng, prompt), "chosen": _words(rng, body - prompt),
+                       "rejected": _words(rng, (body - prompt) * 9 // 10)}
+            fh.write(json.dumps(row) + "\n")
+    return sum(lengths) / len(lengths)
+
+
+def make_model(model_dir: str) -> None:
+    """Random-initialise config.json's architecture in bf16 on the GPU and save it (run in a child process)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)
+    Path(model_dir, "bench-meta.json").write_text(json.dumps({"n_params": model.num_parameters()}))
+
+
+def ensure_tokenizer() -> Path:
+    """The word-level tokenizer lives in its own folder: next to a config.json, AutoTokenizer would swap it for
+    the model family's own tokenizer class (Qwen2Tokenizer, ...), which re-splits the words."""
+    out = BENCH / "tokenizer"
+    if not (out / "tokenizer.json").exists():
+        build_tokenizer(out)
+    return out
+
+
+def ensure_model(name: str, arch: dict) -> Path:
+    from transformers import AutoConfig
+
+    out = BENCH / "models" / name
+    if (out / "bench-meta.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    AutoConfig.for_model(**arch).save_pretrained(out)
+    print(f"loft bench speed: random-initialising {name} ({n_params(arch) / 1e9:.2f}B parameters) -> {out}")
+    subprocess.run([sys.executable, "-c", f"from benchmarks.speed import make_model; make_model({str(out)!r})"],
+                   cwd=REPO, check=True)
+    return out
+
+
+# ---------------------------------------------------------------- runners
+# Keys that point at data, tokenizers, evaluation, checkpoints or trackers: the benchmark replaces or drops them.
+DROP = ("datasets", "test_datasets", "pretraining_dataset", "chat_template", "chat_template_jinja", "special_tokens",
+        "tokens", "added_tokens_overrides", "tokenizer_config", "tokenizer_type", "base_model_config", "eval_steps",
+        "evals_per_epoch", "saves_per_epoch", "save_steps", "save_total_limit", "eval_strategy", "do_bench_eval",
+        "hub_model_id", "push_to_hub", "use_wandb", "wandb_project", "wandb_name", "wandb_entity", "use_mlflow",
+        "resume_from_checkpoint", "lora_model_dir", "num_epochs", "max_steps", "val_set_size", "eval_table_size")
+PLUGIN = "benchmarks.speed_probe.SpeedPlugin"
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """training.recipe.apply_overrides, plus the keys of the plugins the recipe lists (Liger's `liger_*`):
+    Axolotl's core schema, which recipe.py checks against, does not know them."""
+    plugins = list(cfg.get("plugins") or [])
+    for item in overrides:
+        if item.startswith("plugins="):
+            plugins = yaml.safe_load(item.split("=", 1)[1]) or []
+    plugin_keys = set()
+    if plugins:
+        from axolotl.integrations.base import load_plugin
+
+        for name in plugins:
+            path = load_plugin(name).get_input_args()
+            if path:
+                module, cls = path.rsplit(".", 1)
+                plugin_keys |= set(getattr(importlib.import_module(module), cls).model_fields)
+    core = [o for o in overrides if o.split("=", 1)[0] not in plugin_keys]
+    cfg = recipes.apply_overrides(cfg, core)
+    for item in overrides:
+        if item not in core:
+            key, raw = item.split("=", 1)
+            cfg[key] = yaml.safe_load(raw) if raw else None
+    return cfg
+
+
+def task_of(cfg: dict) -> str:
+    rl = cfg.get("rl")
+    if rl in (None, False):
+        return "sft"
+    if rl == "dpo":
+        return "dpo"
+    raise LoftError(f"`rl: {rl}` is not benchmarked; loft bench speed measures SFT and DPO recipes")
+
+
+def bench_config(cfg: dict, model_dir: Path, tokenizer: Path, data: Path, total_steps: int) -> dict:
+    """The recipe with its model, data, evaluation and saving swapped for the benchmark's; compute keys untouched."""
+    out = {k: v for k, v in cfg.items() if k not in DROP}
+    if task_of(cfg) == "sft":
+        dataset = {"path": str(data), "ds_type": "json", "type": "chat_template", "field_messages": "messages",
+                   "roles_to_train": ["assistant"]}
+    else:
+        dataset = {"path": str(data), "ds_type": "json", "split": "train", "type": "chatml.default"}
+    out.update(base_model=str(model_dir), tokenizer_config=str(tokenizer), chat_template="tokenizer_default", datasets=[dataset], val_set_size=0,
+               max_steps=total_steps, num_epochs=1000, save_strategy="no", logging_steps=1, use_tensorboard=False,
+               plugins=[p for p in cfg.get("plugins") or [] if p != PLUGIN] + [PLUGIN])
+    return out
+
+
+def read_result(path: Path, log: Path, runner: str) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runner": runner, "status": "error", "error": f"no measurement written; see {log}"}
+
+
+def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
+    run_dir = work / "loft"
+    out = run_dir / "speed.json"
+    out.unlink(missing_ok=True)
+    cfg = dict(cfg, output_dir=str(run_dir / "adapter"), dataset_prepared_path=str(run_dir / "prepared"))
+    resolved = recipes.write(cfg, run_dir, recipe)
+    print(f"loft bench speed: loft (Axolotl) -> {run_dir / 'train.log'}", flush=True)
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Axolotl's output: train.log
+            trainer.launch(resolved, run_dir / "train.log")
+    except LoftError:
+        pass  # an out-of-memory crash left a "does_not_fit" record; anything else is reported as an error
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return read_result(out, run_dir / "train.log", "loft")
+
+
+def baseline_command(cfg: dict, model_dir: Path, tokenizer: Path, data: Path, out: Path, total_steps: int, grad_accum: int,
+                     cap_gib, profile_step) -> list[str]:
+    """The recipe's hyperparameters as flags of benchmarks/baseline_trl.py."""
+    cmd = [sys.executable, "-m", "benchmarks.baseline_trl", "--task", task_of(cfg), "--model", str(model_dir),
+           "--tokenizer", str(tokenizer), "--data", str(data), "--out", str(out), "--seq-len", str(cfg["sequence_len"]),
+           "--micro-batch", str(cfg.get("micro_batch_size", 1)), "--grad-accum", str(grad_accum),
+           "--steps", str(total_steps), "--learning-rate", str(cfg.get("learning_rate", 2e-4)),
+           "--optimizer", str(cfg.get("optimizer", "adamw_torch")), "--lora-r", str(cfg.get("lora_r", 16)),
+           "--lora-alpha", str(cfg.get("lora_alpha", 32)), "--lora-dropout", str(cfg.get("lora_dropout", 0.0)),
+           "--beta", str(cfg.get("rl_beta") or (cfg.get("trl") or {}).get("beta") or 0.1), "--pad-id", str(PAD_ID)]
+    if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora":
+        cmd.append("--load-in-4bit")
+    elif cfg.get("load_in_8bit"):
+        cmd.append("--load-in-8bit")
+    if cfg.get("gradient_checkpointing"):
+        cmd.append("--gradient-checkpointing")
+    if cfg.get("peft_use_rslora"):
+        cmd.append("--rslora")
+    if cap_gib:
+        cmd += ["--cap-gib", str(cap_gib)]
+    if profile_step:
+        cmd += ["--profile-step", str(profile_step)]
+    return cmd
+
+
+def run_baseline(cmd: list[str], work: Path) -> dict:
+    run_dir = work / "baseline"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(cmd[cmd.index("--out") + 1])
+    out.unlink(missing_ok=True)
+    log = run_dir / "train.log"
+    print(f"loft bench speed: baseline (TRL) -> {log}", flush=True)
+    with log.open("w") as fh:
+        fh.write(" ".join(cmd) + "\n")
+        fh.flush()
+        subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    return read_result(out, log, "baseline")
+
+
+# ---------------------------------------------------------------- report
+def summarize(result: dict, params: int, warmup: int, steps: int, peak_override: float | None) -> dict:
+    if result.get("status") != "ok":
+        return result
+    summary = dict(result, **throughput(result.pop("marks"), warmup, steps))
+    peak = peak_override or peak_tflops(summary["device"])
+    summary["peak_tflops"] = peak
+    summary["mfu"] = round(mfu(params, summary["tokens_per_s"], peak), 4) if peak else None
+    summary["fits_cap"] = fits(summary.get("peak_reserved_gib"), summary.get("cap_gib"))
+    return summary
+
+
+def invocation() -> str:
+    """The command line as a user types it, whether through `loft bench speed` or `python -m benchmarks.speed`."""
+    argv = sys.argv[sys.argv.index("speed") + 1:] if "speed" in sys.argv else sys.argv[1:]
+    return " ".join(["loft bench speed"] + [shlex.quote(a) for a in argv])
+
+
+def estimated_gib(cfg: dict) -> float | None:
+    """training/memory.py's estimate of peak allocated GiB for this exact config, to calibrate it against."""
+    try:
+        from training.memory import estimate_recipe
+    except ImportError:
+        return None
+    est = estimate_recipe(cfg)
+    return round(est.allocated, 3) if est else None
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("torch", "transformers", "axolotl", "peft", "trl", "bitsandbytes", "liger-kernel", "accelerate"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def line(r: dict) -> str:
+    name = r["runner"]
+    if r.get("status") == "does_not_fit":
+        return f"  {name:9s} does not fit at {r.get('cap_gib')} GiB ({r.get('error', '')[:80]})"
+    if r.get("status") != "ok":
+        return f"  {name:9s} failed: {r.get('error')}"
+    m = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "n/a"
+    return (f"  {name:9s} {r['tokens_per_s']:>10,.0f} tok/s  {r['tokens_per_step']:>8,} tok/step  "
+            f"{r['step_s_median']:>6.2f} s/step  alloc {r['peak_allocated_gib']} GiB  "
+            f"reserved {r['peak_reserved_gib']} GiB  MFU {m}")
+
+
+def ratios(loft: dict, base: dict) -> dict | None:
+    if loft.get("status") != "ok" or base.get("status") != "ok":
+        return None
+    mem = loft.get("peak_reserved_gib"), base.get("peak_reserved_gib")
+    return {"tokens_per_s": round(loft["tokens_per_s"] / base["tokens_per_s"], 2),
+            "tokens_per_step": round(loft["tokens_per_step"] / base["tokens_per_step"], 2),
+            "peak_reserved": round(mem[0] / mem[1], 2) if all(mem) else None}
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", type=Path, help="an SFT or DPO recipe, e.g. recipes/qwen2.5-7b/qlora-sft-8gb.yaml")
+    parser.add_argument("--arch", help="architecture: a training/archs name, a config.json path, or `tiny` "
+                        "(default: the recipe's base_model)")
+    parser.add_argument("--cap-gib", type=float, help="emulate a card with this much GPU memory (e.g. 12)")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
+    parser.add_argument("--vs", choices=["baseline"], help="also run the hand-written TRL baseline and print ratios")
+    parser.add_argument("--only", choices=["loft", "baseline"], help="run one runner alone")
+    parser.add_argument("--data", choices=["shakespeare", "full"], default="shakespeare",
+                        help="row lengths: like the recipes' Shakespeare rows, or every row full (default shakespeare)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key before benchmarking (repeatable)")
+    parser.add_argument("--name", help="label of this measurement (default: the recipe's run name)")
+    parser.add_argument("--json", type=Path, help="also write the result here (default: runs/bench-speed/NAME/speed.json)")
+    parser.add_argument("--profile", action="store_true", help="profile one extra step per runner (top kernels)")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU, if not in the built-in table")
+
+
+def run(args) -> int:
+    if args.steps < 1 or args.warmup < 0:
+        raise LoftError("--steps must be at least 1 and --warmup at least 0")
+    if args.only and args.vs:
+        raise LoftError("--only runs one runner; drop it to compare with --vs baseline")
+    cfg = apply_overrides(recipes.load(args.recipe), args.overrides)
+    if "sequence_len" not in cfg:
+        raise LoftError(f"{args.recipe} sets no sequence_len; the benchmark needs one")
+    task = task_of(cfg)
+    arch_name, arch = resolve_arch(str(cfg.get("base_model", "")), args.arch)
+    name = args.name or recipes.default_run_name(args.recipe)
+    work = BENCH / name
+    work.mkdir(parents=True, exist_ok=True)
+    total = args.warmup + args.steps + (1 if args.profile else 0)
+    profile_step = total if args.profile else None
+
+    # Data: enough rows for the Loft run's tokens per step, times the steps, with a margin.
+    seq, mb, ga = cfg["sequence_len"], cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
+    mean = sum(row_lengths(256, args.data, seq)) / 256
+    packed = bool(cfg.get("sample_packing")) and task == "sft"
+    loft_step_tokens = mb * ga * (seq if packed else mean)
+    rows = math.ceil(total * loft_step_tokens / mean * 1.5) + 64
+    data = work / f"{task}-{args.data}-{seq}.jsonl"
+    mean = write_rows(data, task, row_lengths(rows, args.data, seq), seed=0)
+
+    model_dir, tokenizer = ensure_model(arch_name, arch), ensure_tokenizer()
+    meta = json.loads((model_dir / "bench-meta.json").read_text())
+    params = meta["n_params"]
+    env = {"LOFT_SPEED_OUT": str(work / "loft" / "speed.json"), "LOFT_SPEED_PAD_ID": str(PAD_ID)}
+    if args.cap_gib:
+        env["LOFT_SPEED_CAP_GIB"] = str(args.cap_gib)
+    if profile_step:
+        env["LOFT_SPEED_PROFILE_STEP"] = str(profile_step)
+
+    results = {}
+    if args.only != "baseline":
+        (work / "loft").mkdir(parents=True, exist_ok=True)
+        loft_cfg = bench_config(cfg, model_dir, tokenizer, data, total)
+        results["loft"] = summarize(run_loft(args.recipe, loft_cfg, work, env), params, args.warmup, args.steps,
+                                    args.peak_tflops)
+        results["loft"]["estimated_allocated_gib"] = estimated_gib(loft_cfg)
+        print(line(results["loft"]), flush=True)
+    if args.vs == "baseline" or args.only == "baseline":
+        # Same tokens per optimizer step: the baseline (no packing) accumulates as many rows as the Loft run packed.
+        step_tokens = results.get("loft", {}).get("tokens_per_step") or loft_step_tokens
+        base_ga = ga if not packed else max(1, round(step_tokens / (mb * mean)))
+        cmd = baseline_command(cfg, model_dir, tokenizer, data, work / "baseline" / "speed.json", total, base_ga,
+                               args.cap_gib, profile_step)
+        results["baseline"] = summarize(run_baseline(cmd, work), params, args.warmup, args.steps, args.peak_tflops)
+        results["baseline"]["grad_accum"] = base_ga
+        print(line(results["baseline"]), flush=True)
+
+    report = {
+        "name": name, "recipe": str(args.recipe), "overrides": args.overrides, "task": task, "arch": arch_name,
+        "n_params": params, "date": date.today().isoformat(), "versions": versions(),
+        "command": invocation(),
+        "data": {"profile": args.data, "rows": rows, "mean_row_tokens": round(mean, 1), "sequence_len": seq},
+        "warmup": args.warmup, "steps": args.steps, "cap_gib": args.cap_gib, "runners": results,
+        "ratios": ratios(results["loft"], results["baseline"]) if len(results) == 2 else None,
+        "definitions": {"tokens_per_s": "non-padding input tokens of grad-enabled forwards in the timed optimizer "
+                        "steps / synchronised wall-clock from the end of the last warm-up step to the end of the "
+                        "last timed step", "mfu": "6 * n_params * tokens_per_s / dense bf16 peak"},
+    }
+    if report["ratios"]:
+        print(f"  loft / baseline: {report['ratios']['tokens_per_s']}x tokens/s, "
+              f"{report['ratios']['tokens_per_step']}x tokens per step, "
+              f"{report['ratios']['peak_reserved']}x peak reserved")
+    text = json.dumps(report, indent=1)
+    (work / "speed.json").write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    failed = [r["runner"] for r in results.values() if r.get("status") == "error"]
+    if failed:
+        raise LoftError(f"{', '.join(failed)} failed; logs under {work}")
+    return 0
+
+
+if __name__ == "__main__":  # `python -m benchmarks.speed ...` works where the `loft` entry point is not installed
+    import argparse
+
+    from training.paths import apply_private_env
+
+    parser = argparse.ArgumentParser(prog="loft bench speed", description=HELP, epilog=f"example: {EXAMPLE}")
+    add_arguments(parser)
+    parsed = parser.parse_args()
+    apply_private_env()
+    try:
+        sys.exit(run(parsed))
+    except LoftError as err:
+        print(f"loft bench speed: error: {err}", file=sys.stderr)
+        sys.exit(err.code)

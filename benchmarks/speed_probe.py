@@ -1,0 +1,213 @@
+"""What `loft bench speed` measures inside a training process, the same way for every runner.
+
+Both runners (Axolotl through the recipe, and the hand-written TRL baseline) are Hugging Face Trainers, so one
+TrainerCallback measures both:
+
+  * tokens: non-padding input tokens of every forward pass that builds a graph, counted at the input embedding.
+    Forwards under no_grad (DPO's reference pass, evaluation) are not training work and are not counted;
+    gradient-checkpointing recomputation re-runs decoder layers, never the embedding, so it is not counted twice.
+  * time: a CUDA-synchronised wall clock at the start of training and at the end of every optimizer step.
+  * memory: torch's peak allocated and reserved bytes over the whole process (model loading included).
+
+The callback writes raw marks to a JSON file; benchmarks/speed.py turns them into tokens/s (see `throughput`).
+In an Axolotl run the same callback arrives through SpeedPlugin (listed under `plugins:` in the resolved
+recipe), which also applies the memory cap and records an out-of-memory crash as "does not fit".
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+GIB = 2**30
+
+# Environment the harness sets for an Axolotl child process (SpeedPlugin reads it there).
+ENV_OUT = "LOFT_SPEED_OUT"
+ENV_CAP = "LOFT_SPEED_CAP_GIB"
+ENV_PAD = "LOFT_SPEED_PAD_ID"
+ENV_PROFILE_STEP = "LOFT_SPEED_PROFILE_STEP"
+
+
+def apply_cap(cap_gib: float | None) -> None:
+    """Emulate a smaller card: the caching allocator refuses to hold more than cap_gib on GPU 0."""
+    if not cap_gib or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), 0)
+
+
+_reset_peak = torch.cuda.reset_peak_memory_stats
+
+
+def keep_peaks() -> None:
+    """Axolotl resets torch's peak counters at every memory log (axolotl.utils.bench.gpu_memory_usage_all);
+    make that a no-op here, so both runners' peaks cover the same span: the whole process."""
+    torch.cuda.reset_peak_memory_stats = lambda device=None: None
+    torch.cuda.memory.reset_peak_memory_stats = torch.cuda.reset_peak_memory_stats
+
+
+def is_oom(exc: BaseException) -> bool:
+    """torch raises OutOfMemoryError; bitsandbytes and some kernels raise a RuntimeError that says so."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def memory(load_peaks: tuple[int, int] = (0, 0)) -> dict:
+    """Peak allocated/reserved GiB of the whole process, and of training alone (since train begin)."""
+    if not torch.cuda.is_available():
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    alloc, res = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    return {
+        "peak_allocated_gib": round(max(alloc, load_peaks[0]) / GIB, 3),
+        "peak_reserved_gib": round(max(res, load_peaks[1]) / GIB, 3),
+        "train_peak_allocated_gib": round(alloc / GIB, 3),
+        "train_peak_reserved_gib": round(res / GIB, 3),
+    }
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def write(path: str | Path, record: dict) -> None:
+    Path(path).write_text(json.dumps(record, indent=1))
+
+
+def does_not_fit(path: str | Path, runner: str, cap_gib: float | None, exc: BaseException) -> dict:
+    record = {"runner": runner, "status": "does_not_fit", "cap_gib": cap_gib, "device": device_name(),
+              "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__, **memory()}
+    write(path, record)
+    return record
+
+
+class TokenCounter:
+    """Forward pre-hook on the input embedding: adds the non-padding ids of each grad-enabled forward.
+
+    The sum stays on the device (no sync per forward); `value()` reads it once per optimizer step.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.total = None
+        self.handle = None
+
+    def __call__(self, module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return
+        ids = args[0] if args else kwargs["input"]
+        n = (ids != self.pad_id).sum()
+        self.total = n if self.total is None else self.total + n
+
+    def attach(self, model) -> None:
+        if self.handle is None:
+            self.handle = model.get_input_embeddings().register_forward_pre_hook(self, with_kwargs=True)
+
+    def value(self) -> int:
+        return 0 if self.total is None else int(self.total)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class SpeedCallback(TrainerCallback):
+    """Marks (seconds, tokens so far) at train begin and at every optimizer step end; writes them at train end.
+
+    profile_step: if set, that step (1-based, after the timed ones) runs under torch.profiler and its top
+    kernels are written next to the JSON; the harness never times it.
+    """
+
+    def __init__(self, out_path, runner: str, pad_id: int, cap_gib=None, profile_step: int | None = None):
+        self.out_path = Path(out_path)
+        self.runner = runner
+        self.counter = TokenCounter(pad_id)
+        self.cap_gib = cap_gib
+        self.profile_step = profile_step
+        self.marks: list[tuple[float, int]] = []
+        self.profiler = None
+        self.top_kernels = None
+        self.load_peaks = (0, 0)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.counter.attach(model)
+        _sync()
+        if torch.cuda.is_available():  # what loading took; training's own peak starts here
+            self.load_peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+            _reset_peak()
+        self.marks = [(time.perf_counter(), self.counter.value())]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile_step and state.global_step + 1 == self.profile_step:
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.marks.append((time.perf_counter(), self.counter.value()))
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.top_kernels = top_kernels(self.profiler, self.out_path.with_suffix(".profile.txt"))
+            self.profiler = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        write(self.out_path, self.record())
+
+    def record(self) -> dict:
+        return {"runner": self.runner, "status": "ok", "cap_gib": self.cap_gib, "device": device_name(),
+                "torch": torch.__version__, "marks": self.marks, "top_kernels": self.top_kernels, **memory(self.load_peaks)}
+
+
+def top_kernels(prof, table_path: Path, n: int = 15) -> list[dict]:
+    """The n ops/kernels with the most self device time in the profiled step; the full table goes to table_path."""
+    key = "self_device_time_total"
+    events = prof.key_averages()
+    table_path.write_text(events.table(sort_by=key, row_limit=40))
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:n]
+    return [{"name": e.key[:120], "self_device_ms": round(getattr(e, key, 0) / 1000, 2),
+             "share": round(getattr(e, key, 0) / total, 3), "calls": e.count} for e in rows]
+
+
+def callback_from_env(runner: str = "loft") -> SpeedCallback:
+    profile = os.environ.get(ENV_PROFILE_STEP)
+    cap = os.environ.get(ENV_CAP)
+    return SpeedCallback(os.environ[ENV_OUT], runner, int(os.environ.get(ENV_PAD, "0")),
+                         cap_gib=float(cap) if cap else None, profile_step=int(profile) if profile else None)
+
+
+def install_oom_hook(out_path: str, runner: str, cap_gib) -> None:
+    """An uncaught out-of-memory error in a process we don't drive (Axolotl's CLI) still leaves a record."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):
+        if is_oom(exc):
+            does_not_fit(out_path, runner, cap_gib, exc)
+        previous(kind, exc, tb)
+
+    sys.excepthook = hook
+
+
+try:  # Axolotl is only needed in Axolotl's own process; the TRL baseline never touches the plugin.
+    from axolotl.integrations.base import BasePlugin
+except ImportError:  # pragma: no cover - every Loft environment has Axolotl
+    BasePlugin = object
+
+
+class SpeedPlugin(BasePlugin):
+    """Axolotl plugin: `plugins: [benchmarks.speed_probe.SpeedPlugin]` (the harness adds it to the recipe)."""
+
+    def register(self, cfg):
+        if ENV_OUT not in os.environ:
+            return
+        cap = os.environ.get(ENV_CAP)
+        keep_peaks()
+        apply_cap(float(cap) if cap else None)
+        install_oom_hook(os.environ[ENV_OUT], "loft", float(cap) if cap else None)
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        return [callback_from_env("loft")] if ENV_OUT in os.environ else []

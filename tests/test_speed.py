@@ -1,0 +1,214 @@
+"""`loft bench speed` harness logic on the CPU: token counting, throughput and MFU arithmetic, synthetic data,
+the benchmark config, the JSON a run leaves, and the "does not fit" path. No GPU numbers here."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import speed, speed_probe
+from training import recipe as recipes
+from training.errors import LoftError
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN7 = json.loads((REPO / "training" / "archs" / "Qwen2.5-7B-Instruct.json").read_text())
+LLAMA8 = json.loads((REPO / "training" / "archs" / "Llama-3.1-8B-Instruct.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**speed.TINY))
+
+
+# ---------------------------------------------------------------- arithmetic
+def test_n_params_matches_the_published_sizes():
+    assert speed.n_params(QWEN7) == 7_615_616_512  # Qwen2.5-7B: 7.61B
+    assert speed.n_params(LLAMA8) == 8_030_261_248  # Llama-3.1-8B: 8.03B
+
+
+def test_n_params_matches_a_real_model(tiny_model):
+    assert speed.n_params(speed.TINY) == tiny_model.num_parameters()
+
+
+def test_mfu_is_6n_tokens_over_peak():
+    # 8,590 tok/s on Qwen2.5-7B against the H100 SXM's 989.4 TFLOP/s
+    assert speed.mfu(7_615_616_512, 8590, 989.4) == pytest.approx(6 * 7_615_616_512 * 8590 / 989.4e12)
+    assert speed.mfu(7_615_616_512, 8590, 989.4) == pytest.approx(0.3967, abs=1e-4)
+    assert speed.mfu(1, 100, None) is None
+
+
+def test_peak_table_names_the_gpu():
+    assert speed.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert speed.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert speed.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert speed.peak_tflops("cpu") is None
+
+
+def test_throughput_excludes_warmup():
+    # begin, then 4 steps: the first is slow (compilation) and must not count with warmup=1
+    marks = [(0.0, 0), (10.0, 1000), (11.0, 2000), (12.0, 3000), (13.5, 4000)]
+    out = speed.throughput(marks, warmup=1, steps=3)
+    assert out["tokens"] == 3000 and out["seconds"] == 3.5
+    assert out["tokens_per_s"] == pytest.approx(3000 / 3.5, abs=0.1)
+    assert out["tokens_per_step"] == 1000 and out["step_s_median"] == 1.0
+    with pytest.raises(LoftError, match="fewer than"):
+        speed.throughput(marks, warmup=2, steps=3)
+    with pytest.raises(LoftError, match="no training tokens"):
+        speed.throughput([(0.0, 0), (1.0, 0)], warmup=0, steps=1)
+
+
+def test_fits():
+    assert speed.fits(10.9, 11) is True
+    assert speed.fits(11.2, 11) is False
+    assert speed.fits(5.0, None) is None
+
+
+# ---------------------------------------------------------------- token counting
+def test_token_counter_counts_non_padding_training_forwards(tiny_model):
+    counter = speed_probe.TokenCounter(pad_id=0)
+    counter.attach(tiny_model)
+    counter.attach(tiny_model)  # idempotent: one hook
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 0]])
+    tiny_model(input_ids=ids)
+    assert counter.value() == 7
+    with torch.no_grad():  # a DPO reference pass or evaluation: not training work
+        tiny_model(input_ids=ids)
+    assert counter.value() == 7
+    tiny_model(input_ids=ids[:1])
+    assert counter.value() == 10
+    counter.handle.remove()
+
+
+def test_callback_writes_marks_and_throughput_follows(tiny_model, tmp_path):
+    cb = speed_probe.SpeedCallback(tmp_path / "r.json", "loft", pad_id=0, cap_gib=12)
+
+    class State:
+        global_step = 0
+
+    cb.on_train_begin(None, State, None, model=tiny_model)
+    for step in range(3):
+        tiny_model(input_ids=torch.tensor([[5, 6, 7, 8, 0]]))
+        State.global_step = step + 1
+        cb.on_step_end(None, State, None)
+    cb.on_train_end(None, State, None)
+    cb.counter.handle.remove()
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["status"] == "ok" and record["cap_gib"] == 12
+    assert [n for _, n in record["marks"]] == [0, 4, 8, 12]
+    summary = speed.summarize(record, params=7_615_616_512, warmup=1, steps=2, peak_override=989.4)
+    assert summary["tokens"] == 8 and summary["tokens_per_step"] == 4
+    assert summary["mfu"] == pytest.approx(6 * 7_615_616_512 * summary["tokens_per_s"] / 989.4e12, abs=1e-4)
+
+
+# ---------------------------------------------------------------- "does not fit"
+def test_out_of_memory_is_a_result_not_a_crash(tmp_path):
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.03 GiB.")
+    assert speed_probe.is_oom(exc)
+    assert speed_probe.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not speed_probe.is_oom(ValueError("bad config"))
+    record = speed_probe.does_not_fit(tmp_path / "r.json", "baseline", 8.0, exc)
+    assert json.loads((tmp_path / "r.json").read_text()) == record
+    assert record["status"] == "does_not_fit" and record["cap_gib"] == 8.0
+    assert "does not fit at 8.0 GiB" in speed.line(record)
+    assert speed.summarize(dict(record), 1, 1, 1, None)["status"] == "does_not_fit"
+
+
+def test_baseline_reports_oom_raised_in_a_training_step(tmp_path, monkeypatch):
+    """The baseline script turns an OutOfMemoryError from a training step into a record and exits 0."""
+    from benchmarks import baseline_trl
+
+    class Trainer:
+        def train(self):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+
+    monkeypatch.setattr(baseline_trl, "build_trainer", lambda args, cb: Trainer())
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", torch.cuda.reset_peak_memory_stats)  # restored after
+    monkeypatch.setattr(torch.cuda.memory, "reset_peak_memory_stats", torch.cuda.memory.reset_peak_memory_stats)
+    out = tmp_path / "b.json"
+    rc = baseline_trl.main(["--task", "sft", "--model", "m", "--data", "d", "--out", str(out), "--seq-len", "64",
+                            "--steps", "2", "--cap-gib", "6"])
+    assert rc == 0
+    assert json.loads(out.read_text())["status"] == "does_not_fit"
+
+    def broken(args, cb):
+        raise ValueError("not a memory problem")
+
+    monkeypatch.setattr(baseline_trl, "build_trainer", broken)
+    with pytest.raises(ValueError):
+        baseline_trl.main(["--task", "sft", "--model", "m", "--data", "d", "--out", str(out), "--seq-len", "64",
+                           "--steps", "2"])
+
+
+# ---------------------------------------------------------------- data and config
+def test_tokenizer_gives_one_token_per_word_and_exact_row_lengths(tmp_path):
+    from transformers import AutoTokenizer
+
+    speed.build_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.pad_token_id == speed.PAD_ID and len(tok) < speed.TINY["vocab_size"]
+    lengths = speed.row_lengths(50, "shakespeare", 1024)
+    assert 150 < sum(lengths) / len(lengths) < 220  # the recipes' rows: median 184
+    assert speed.row_lengths(3, "full", 2048) == [2040] * 3
+    mean = speed.write_rows(tmp_path / "sft.jsonl", "sft", lengths[:5])
+    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    for n, row in zip(lengths, rows):
+        ids = tok.apply_chat_template(row["messages"], tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert len(ids) == n and speed.PAD_ID not in ids
+    assert mean == sum(lengths[:5]) / 5
+    speed.write_rows(tmp_path / "dpo.jsonl", "dpo", [2040])
+    pair = json.loads((tmp_path / "dpo.jsonl").read_text())
+    assert set(pair) == {"prompt", "chosen", "rejected"}
+    words = [len(pair[k].split()) for k in ("prompt", "chosen", "rejected")]
+    assert words[0] + words[1] == 2040 - 6 and words[2] < words[1]
+
+
+def test_bench_config_swaps_data_and_model_but_keeps_compute_keys(tmp_path):
+    cfg = recipes.load(REPO / "recipes" / "smollm2-135m" / "lora-cpu.yaml")
+    out = speed.bench_config(cfg, tmp_path / "model", tmp_path / "tok", tmp_path / "d.jsonl", total_steps=7)
+    assert out["base_model"] == str(tmp_path / "model") and out["tokenizer_config"] == str(tmp_path / "tok")
+    assert out["datasets"][0]["path"] == str(tmp_path / "d.jsonl") and "test_datasets" not in out
+    assert out["max_steps"] == 7 and out["val_set_size"] == 0 and out["save_strategy"] == "no"
+    assert out["plugins"][-1] == speed.PLUGIN
+    for key in ("sequence_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "optimizer"):
+        assert out[key] == cfg[key]
+    dpo = speed.bench_config(dict(cfg, rl="dpo"), tmp_path, tmp_path, tmp_path / "d.jsonl", 3)
+    assert dpo["datasets"][0]["type"] == "chatml.default"
+    with pytest.raises(LoftError, match="not benchmarked"):
+        speed.task_of({"rl": "grpo"})
+
+
+def test_baseline_command_carries_the_recipe_hyperparameters(tmp_path):
+    cfg = {"sequence_len": 1024, "micro_batch_size": 1, "learning_rate": 2e-4, "optimizer": "paged_adamw_8bit",
+           "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "adapter": "qlora", "load_in_4bit": True,
+           "gradient_checkpointing": True}
+    cmd = speed.baseline_command(cfg, tmp_path, tmp_path, tmp_path / "d", tmp_path / "o", 5, 43, 12.0, None)
+    args = " ".join(cmd)
+    assert "--grad-accum 43" in args and "--load-in-4bit" in args and "--gradient-checkpointing" in args
+    assert "--optimizer paged_adamw_8bit" in args and "--cap-gib 12.0" in args and "--task sft" in args
+    from benchmarks import baseline_trl
+
+    parsed = baseline_trl.parse_args(cmd[cmd.index("benchmarks.baseline_trl") + 1:])
+    assert parsed.grad_accum == 43 and parsed.load_in_4bit and parsed.seq_len == 1024
+
+
+def test_resolve_arch_from_base_model_names():
+    assert speed.resolve_arch("Qwen/Qwen2.5-7B-Instruct")[0] == "Qwen2.5-7B-Instruct"
+    assert speed.resolve_arch("meta-llama/Meta-Llama-3.1-8B-Instruct")[0] == "Llama-3.1-8B-Instruct"
+    assert speed.resolve_arch("anything", "tiny")[1] == speed.TINY
+    with pytest.raises(LoftError, match="no architecture"):
+        speed.resolve_arch("someone/Unknown-3B")
+
+
+def test_report_line_and_ratios():
+    loft = {"runner": "loft", "status": "ok", "tokens_per_s": 8590.0, "tokens_per_step": 8123, "step_s_median": 0.97,
+            "peak_allocated_gib": 5.4, "peak_reserved_gib": 9.0, "mfu": 0.397}
+    base = dict(loft, runner="baseline", tokens_per_s=312.0, tokens_per_step=8069, peak_reserved_gib=8.7)
+    r = speed.ratios(loft, base)
+    assert r["tokens_per_s"] == 27.53 and r["tokens_per_step"] == 1.01
+    assert "8,590 tok/s" in speed.line(loft) and "MFU 39.7%" in speed.line(loft)
+    assert speed.ratios(loft, {"status": "does_not_fit"}) is None
