@@ -6,7 +6,7 @@ Verb modules keep heavy imports (torch, axolotl) inside run(), so `loft --help` 
 import argparse
 import sys
 
-from training import data, model, train, merge, export, serve, demo
+from training import data, model, doctor, train, merge, export, serve, demo
 from training.errors import LoftError
 from training.paths import apply_private_env
 from benchmarks import bench, report
@@ -14,7 +14,8 @@ from benchmarks import bench, report
 VERBS = {
     "model": model,  # embedded default model -> HF dir
     "data": data,  # Shakespeare (or your writing) -> chat JSONL
-    "train": train,  # Axolotl training of a recipe
+    "doctor": doctor,  # schema, data, lints and GPU memory, before a run
+    "train": train,  # doctor, then Axolotl training with the health guard
     "merge": merge,  # PEFT merge onto the full-precision base + fidelity check
     "export": export,  # llama.cpp GGUF conversion and quantization
     "serve": serve,  # llama-server / vLLM behind an OpenAI-compatible API

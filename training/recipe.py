@@ -19,6 +19,8 @@ def load(path: str | Path) -> dict:
         raise LoftError(f"recipe {path} not found; recipes live in recipes/<model>/<recipe>.yaml")
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LoftError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

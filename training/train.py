@@ -1,10 +1,11 @@
-"""`loft train RECIPE`: resolve the recipe into runs/<name>/, then hand it to Axolotl unchanged.
+"""`loft train RECIPE`: doctor the recipe, resolve it into runs/<name>/, hand it to Axolotl with the guard.
 
 Training is Axolotl's (`accelerate launch -m axolotl.cli.train`); this verb only adds the run folder,
 overrides that fail loudly on unknown keys, the private environment, and all CPU threads on a CPU machine
 (accelerate defaults a non-CPU launch to one OpenMP thread).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -38,12 +39,32 @@ def launch(resolved: Path, log_path: Path | None = None) -> None:
         raise LoftError(f"Axolotl training failed (exit {rc}){where}", code=rc if rc > 0 else 1)
 
 
-def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None) -> Path:
-    """Resolve and train; return the run folder (adapter in run_dir/adapter)."""
+GUARD = "training.guard.HealthGuardPlugin"
+
+
+def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None, check: bool = True) -> Path:
+    """Doctor, then train with the health guard; return the run folder (adapter in run_dir/adapter)."""
     run_dir, cfg = recipes.resolve(recipe, name, overrides or [])
+    if GUARD not in (cfg.get("plugins") or []):
+        cfg["plugins"] = [*(cfg.get("plugins") or []), GUARD]
     resolved = recipes.write(cfg, run_dir, recipe)
+    if check:
+        from training.doctor import diagnose, render
+
+        report = diagnose(resolved)
+        print(render(report, strict=False))
+        if report.count("error"):
+            raise LoftError(f"loft doctor found {report.count('error')} error(s) in {recipe} (above); "
+                            "fix them, or pass --no-check to train anyway")
     print(f"loft train: {recipe} -> {run_dir}")
     launch(resolved, run_dir / "train.log")
+    health = run_dir / "adapter" / "health.json"
+    if health.exists():
+        status = json.loads(health.read_text())
+        if status.get("status") == "stopped":
+            problem = status.get("problem", {})
+            raise LoftError(f"the health guard stopped the run at step {problem.get('step')}: "
+                            f"{problem.get('reason')}; causes and fixes in {health}", code=3)
     if not (run_dir / "adapter" / "adapter_config.json").exists():
         raise LoftError(f"training finished but wrote no adapter in {run_dir / 'adapter'}; see {run_dir / 'train.log'}")
     return run_dir
@@ -54,8 +75,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--name", help="run name (default: <model folder>-<recipe>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (repeatable; unknown keys are rejected)")
+    parser.add_argument("--no-check", action="store_true", help="skip `loft doctor` before training")
 
 
 def run(args) -> int:
-    train(args.recipe, args.name, args.overrides)
+    train(args.recipe, args.name, args.overrides, check=not args.no_check)
     return 0

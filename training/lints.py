@@ -1,0 +1,195 @@
+"""The L2xx checks of `loft doctor`: recipes that run, but waste the GPU hour.
+
+  L201 pre-quantized base that will be merged      L206 DPO that loads a second full model
+  L202 coverage below one epoch                    L207 vocabulary > 100K without a fused cross-entropy
+  L203 learning rate 0, or mostly warm-up / ≈ 0    L208 trust_remote_code: true
+  L204 a small dataset seen many times (overfit)   L209 flash attention requested but missing or ABI-broken
+  L205 gradient clipping off                       L210 bitsandbytes / torchao / liger-kernel missing
+
+Each takes the raw recipe, the Report (its data stats fill coverage), and the architecture and memory estimate.
+"""
+
+import math
+import re
+import subprocess
+import sys
+
+QUANTIZED_NAME = re.compile(r"(bnb-4bit|4bit|-awq|gptq|int4|int8|-8bit|nf4)", re.I)
+
+
+def effective_batch(cfg: dict) -> int:
+    mb = cfg.get("micro_batch_size") if isinstance(cfg.get("micro_batch_size"), int) else 1
+    ga = cfg.get("gradient_accumulation_steps") if isinstance(cfg.get("gradient_accumulation_steps"), int) else 1
+    return max(1, mb) * max(1, ga)
+
+
+def lr_curve(cfg: dict, total: int) -> list[float]:
+    """Learning-rate multiplier per step as Axolotl + transformers compute it (cosine/linear/constant)."""
+    warmup = cfg.get("warmup_steps")
+    if not isinstance(warmup, (int, float)):
+        ratio = cfg.get("warmup_ratio")
+        warmup = int(ratio * total) if isinstance(ratio, (int, float)) else min(int(0.03 * total), 100)
+    warmup = max(int(warmup), 0)
+    kind = str(cfg.get("lr_scheduler") or "cosine")
+    floor = cfg.get("cosine_min_lr_ratio") if isinstance(cfg.get("cosine_min_lr_ratio"), (int, float)) else 0.0
+    out = []
+    for step in range(total):
+        if step < warmup:
+            out.append(step / max(1, warmup))
+            continue
+        done = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            out.append(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done)))
+        elif kind == "linear":
+            out.append(1 - done)
+        else:
+            out.append(1.0)
+    return out
+
+
+def check(cfg: dict, report, arch, est):
+    data = report.data
+    rows = data.get("train_rows")
+    lr = cfg.get("learning_rate")
+    steps = cfg.get("max_steps") if isinstance(cfg.get("max_steps"), int) and cfg.get("max_steps") > 0 else None
+    epochs = cfg.get("num_epochs") if isinstance(cfg.get("num_epochs"), (int, float)) else 1
+    batch = effective_batch(cfg)
+    per_step = batch
+    if cfg.get("sample_packing") and data.get("mean_tokens") and isinstance(cfg.get("sequence_len"), int):
+        per_step = batch * max(1.0, 0.95 * cfg["sequence_len"] / data["mean_tokens"])  # rows packed per sequence
+    adapter = cfg.get("adapter")
+
+    # L201 pre-quantized base
+    base = str(cfg.get("base_model") or "")
+    if adapter in ("lora", "qlora") and (QUANTIZED_NAME.search(base) or (arch and arch.quantized)):
+        why = "its config.json has a quantization_config" if arch and arch.quantized else "its name says so"
+        report.add("LOFT-L201", "warning", f"base_model `{base}` is pre-quantized ({why}): the adapter will be "
+                   "merged (`loft merge`) onto a quantized copy, and the merged model loses precision",
+                   "name the full-precision repo as base_model and keep `load_in_4bit: true`; Axolotl quantizes it "
+                   "at load time and the merge uses the original weights", key="base_model")
+
+    # L202 coverage / L204 many epochs
+    if rows:
+        seen = (steps * per_step / rows) if steps else epochs
+        data["epochs"] = round(seen, 3)
+        if seen < 1:
+            need = math.ceil(rows / per_step)
+            report.add("LOFT-L202", "warning", f"coverage {seen:.2f} epoch: {steps} steps × {per_step:.0f} rows per "
+                       f"step ÷ {rows} rows — {100 * (1 - seen):.0f}% of the data is never seen",
+                       f"set max_steps: {need} for one epoch, or trim the dataset to what the run will see",
+                       key="max_steps" if steps else "num_epochs")
+        elif seen > 3:
+            report.add("LOFT-L204", "warning", f"{seen:.1f} epochs over {rows} rows: each row is seen {seen:.0f} "
+                       "times, and a small dataset overfits well before that",
+                       f"max_steps: {math.ceil(2 * rows / per_step)} (2 epochs) or more data; keep eval on "
+                       "(test_datasets or val_set_size) so the guard can stop on overfitting",
+                       key="max_steps" if steps else "num_epochs")
+
+    # L203 learning-rate schedule
+    if isinstance(lr, (int, float)) and lr == 0:
+        report.add("LOFT-L203", "error", "learning_rate is 0: the weights never change",
+                   "learning_rate: 2e-4 (QLoRA) or 1e-4 (LoRA) is a good start", key="learning_rate")
+    total = steps or (math.ceil(epochs * rows / per_step) if rows else None)
+    if total and total < 1_000_000 and isinstance(lr, (int, float)) and lr > 0:
+        curve = lr_curve(cfg, int(total))
+        warm = cfg.get("warmup_steps")
+        low = sum(m < 0.1 for m in curve) / len(curve)
+        if isinstance(warm, (int, float)) and warm >= 0.5 * total:
+            report.add("LOFT-L203", "warning", f"warmup_steps {warm} ≥ half of the {total} steps: the learning rate "
+                       f"peaks at {100 * min(1, total / max(warm, 1)):.0f}% of {lr:g} and the run is mostly warm-up",
+                       f"warmup_steps: {max(1, total // 20)} (5%) or warmup_ratio: 0.05", key="warmup_steps")
+        elif low > 0.5:
+            report.add("LOFT-L203", "warning", f"the learning rate is below 10% of {lr:g} for {100 * low:.0f}% of the "
+                       f"{total} steps ({cfg.get('lr_scheduler') or 'cosine'})",
+                       "check warmup_ratio/warmup_steps, cosine_min_lr_ratio and max_steps against the real run length",
+                       key="lr_scheduler")
+
+    # L205 clipping
+    if cfg.get("max_grad_norm") == 0:
+        report.add("LOFT-L205", "warning", "max_grad_norm: 0 turns gradient clipping off: one bad batch can blow "
+                   "the adapter up, and the grad norm is no longer logged (the guard's grad check goes blind)",
+                   "max_grad_norm: 1.0", key="max_grad_norm")
+
+    # L206 DPO with a second model
+    if cfg.get("rl") in ("dpo", "ipo") and adapter not in ("lora", "qlora"):
+        cost = f" (+{est.parts['weights']:.1f} GiB)" if est else ""
+        report.add("LOFT-L206", "warning", f"rl: {cfg['rl']} without an adapter trains the whole model and loads a "
+                   f"second full copy as the reference{cost}",
+                   "adapter: qlora (or lora): the policy with its adapter disabled is the reference, no second model",
+                   key="rl")
+
+    # L207 large vocabulary without a fused cross-entropy
+    if arch and arch.vocab > 100_000 and est and not est.setup.fused_ce:
+        report.add("LOFT-L207", "warning", f"vocabulary {arch.vocab:,} and no fused cross-entropy: the logits take "
+                   f"{est.parts['logits / loss']:.1f} GiB at sequence_len × micro_batch_size",
+                   "plugins: [axolotl.integrations.liger.LigerPlugin] with liger_fused_linear_cross_entropy: true "
+                   "(or axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin)", key="plugins")
+
+    # L208 remote code
+    if cfg.get("trust_remote_code") is True:
+        report.add("LOFT-L208", "warning", "trust_remote_code: true runs Python from the model repo on your machine",
+                   "use a model transformers supports natively, or read the repo's modeling code and pin its revision",
+                   key="trust_remote_code")
+
+    # L209 / L210 packages
+    flash = cfg.get("flash_attention") is True or "flash" in str(cfg.get("attn_implementation") or "")
+    if flash:
+        problem = flash_attn_problem()
+        if problem:
+            report.add("LOFT-L209", "error", f"flash attention is requested but {problem}",
+                       "attn_implementation: sdpa (about as fast on recent GPUs), or install the flash-attn wheel "
+                       "built for this exact torch and CUDA", key="flash_attention" if "flash_attention" in cfg
+                       else "attn_implementation")
+    for package, why, key in needed_packages(cfg):
+        if not importable(package):
+            report.add("LOFT-L210", "error", f"{why} needs the `{package}` package, which is not installed",
+                       f"pip install {package.replace('_', '-')} (or `make setup` with the GPU profile)", key=key)
+
+
+def needed_packages(cfg: dict) -> list[tuple[str, str, str]]:
+    out = []
+    optimizer = str(cfg.get("optimizer") or "")
+    if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") or cfg.get("adapter") == "qlora":
+        out.append(("bitsandbytes", "4/8-bit loading", "load_in_4bit" if cfg.get("load_in_4bit") else "adapter"))
+    if ("8bit" in optimizer or "paged" in optimizer or "bnb" in optimizer) and not optimizer.startswith("ao_"):
+        out.append(("bitsandbytes", f"optimizer {optimizer}", "optimizer"))
+    if optimizer.startswith("ao_") or cfg.get("qat") or cfg.get("quantization"):
+        out.append(("torchao", f"optimizer {optimizer}" if optimizer.startswith("ao_") else "QAT/quantization",
+                    "optimizer" if optimizer.startswith("ao_") else "qat"))
+    if any("liger" in str(p).lower() for p in cfg.get("plugins") or []):
+        out.append(("liger_kernel", "the Liger plugin", "plugins"))
+    seen, unique = set(), []
+    for item in out:
+        if item[0] not in seen:
+            seen.add(item[0])
+            unique.append(item)
+    return unique
+
+
+def importable(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def flash_attn_problem() -> str | None:
+    """Import flash_attn in a child process (a broken build can crash the importer) and explain a failure."""
+    code = "import flash_attn, flash_attn_2_cuda; print(flash_attn.__version__)"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "importing flash_attn hangs"
+    if proc.returncode == 0:
+        return None
+    err = proc.stderr.strip().splitlines()
+    last = err[-1] if err else f"exit {proc.returncode}"
+    if "undefined symbol" in proc.stderr:
+        symbol = re.search(r"undefined symbol: (\S+)", proc.stderr)
+        return (f"flash_attn is ABI-incompatible with the installed torch (undefined symbol "
+                f"{symbol.group(1) if symbol else '?'}): it was built against another torch/CUDA")
+    if "No module named 'flash_attn" in proc.stderr:
+        return "flash_attn is not installed"
+    return f"importing flash_attn fails: {last[:200]}"

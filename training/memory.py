@@ -1,0 +1,427 @@
+"""Peak GPU memory of a recipe, from arithmetic on its architecture: no GPU, no weights, no torch import.
+
+    peak allocated = weights (at their precision)
+                   + trainable state (LoRA or full: fp32 params, grads, optimizer states)
+                   + activations (per token: checkpointed layer inputs + one layer's working set)
+                   + logits (tokens × vocab × bytes, or tokens × hidden with a fused cross-entropy)
+                   + fixed workspace (cuBLAS, misc)
+                   + a second copy of the weights when DPO loads a separate reference model
+    needed         = peak allocated × (1 + allocator slack) + CUDA context
+
+The per-token and logits constants are fitted to peaks measured on an H100 (CALIBRATION below, from
+/work/shared/gpu-host/README.md, 2026-11-22); `python -m training.memory` prints estimate vs measured.
+Architectures come from training/archs/*.json (see its README) or the base model's local config.json.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.paths import REPO
+
+ARCHS = Path(__file__).resolve().parent / "archs"
+GIB = 1024**3
+
+# Usable memory as the driver reports it (nvidia-smi total), GiB.
+PROFILES = {
+    "rtx5070-12gb": 11.9,
+    "rtx5090-32gb": 31.8,
+    "a100-40gb": 39.4,
+    "a100-80gb": 79.2,
+    "h100-80gb": 79.6,
+}
+
+# ---- constants (bytes unless noted); the fitted ones are marked and checked by CALIBRATION
+NF4 = 0.5  # 4-bit weight
+ABSMAX = 4 / 64  # one fp32 absmax per 64-weight block
+ABSMAX_DQ = 1 / 64 + 4 / (64 * 256)  # double quant: 8-bit absmax + one fp32 per 256 blocks
+CUDA_CONTEXT_GIB = 0.5  # driver + kernels, not in torch's allocated count
+SLACK = 0.06  # reserved / allocated - 1 (measured 1.04 to 1.16 on the host)
+LAYER_FACTOR = 1.0  # fitted: working set of the layer being recomputed, incl. its gradient buffers
+LOGIT_BYTES = 10.0 # fitted: per logit without a fused CE (bf16 logits + fp32 upcast + fp32 grad)
+FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy (grad of the input + chunks)
+WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
+
+
+@dataclass
+class Arch:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    source: str = ""
+    quantized: dict | None = None  # the config's quantization_config (a pre-quantized checkpoint)
+
+    @classmethod
+    def from_config(cls, cfg: dict, name: str, source: str) -> "Arch":
+        text = cfg.get("text_config") or cfg  # multimodal wrappers keep the LM in text_config
+        heads = text["num_attention_heads"]
+        hidden = text["hidden_size"]
+        return cls(
+            name=name,
+            hidden=hidden,
+            intermediate=text["intermediate_size"],
+            layers=text["num_hidden_layers"],
+            heads=heads,
+            kv_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or hidden // heads,
+            vocab=text["vocab_size"],
+            tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            source=source,
+            quantized=cfg.get("quantization_config"),
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection in one decoder layer."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embed_params + (2 * self.layers + 1) * self.hidden
+
+
+# ---------------------------------------------------------------- architecture lookup
+VARIANT_WORDS = {"instruct", "it", "chat", "hf", "bnb", "4bit", "8bit", "unsloth", "awq", "gptq", "int4", "int8",
+                 "base", "dynamic"}
+
+
+def normalize(name: str) -> str:
+    """'unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit' -> 'llama-3.1-8b' (variants share an architecture)."""
+    base = name.rstrip("/").split("/")[-1].lower()
+    base = base.removeprefix("meta-")
+    return "-".join(w for w in base.split("-") if w not in VARIANT_WORDS)
+
+
+def hub_cache_config(repo_id: str) -> Path | None:
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snaps = hub / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    found = sorted(snaps.glob("*/config.json")) if snaps.is_dir() else []
+    return found[-1] if found else None
+
+
+def find_arch(base_model: str) -> Arch | None:
+    """The architecture of `base_model`: local folder, HF cache, then training/archs/ by name."""
+    if not base_model or not isinstance(base_model, str):
+        return None
+    for root in (Path.cwd(), REPO):
+        path = Path(base_model).expanduser()
+        path = path if path.is_absolute() else root / path
+        if (path / "config.json").is_file():
+            return _load(path / "config.json", base_model)
+    cached = hub_cache_config(base_model) if "/" in base_model else None
+    if cached:
+        return _load(cached, base_model)
+    want = normalize(base_model)
+    for file in sorted(ARCHS.glob("*.json")):
+        if normalize(file.stem) == want:
+            return _load(file, base_model)
+    return None
+
+
+def _load(path: Path, name: str) -> Arch | None:
+    try:
+        return Arch.from_config(json.loads(path.read_text()), name, str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- what the recipe asks for
+def _on(value) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("true", "auto"))
+
+
+@dataclass
+class Setup:
+    """The memory-relevant settings of a recipe, with Axolotl's defaults."""
+
+    quant: str = "none"  # "4bit" | "8bit" | "none"
+    double_quant: bool = True
+    dtype_bytes: int = 2
+    adapter: str | None = None
+    lora_r: int = 0
+    lora_targets: list[str] = field(default_factory=list)
+    lora_dropout: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)
+    optimizer: str = "adamw_torch_fused"
+    seq: int = 2048
+    micro_batch: int = 1
+    checkpointing: bool = False
+    offload: bool = False
+    fused_ce: bool = False
+    liger_layers: bool = False
+    rl: str | None = None
+    separate_reference: bool = False  # DPO/IPO without an adapter loads the model twice
+    plugins: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_recipe(cls, cfg: dict) -> "Setup":
+        def num(key, default):
+            value = cfg.get(key)
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else default
+
+        plugins = [p for p in cfg.get("plugins") or [] if isinstance(p, str)]
+        liger = any("liger" in p.lower() for p in plugins)
+        cce = any("cut_cross_entropy" in p for p in plugins) and cfg.get("cut_cross_entropy", True) is not False
+        quant = "4bit" if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora" else (
+            "8bit" if cfg.get("load_in_8bit") else "none")
+        bnb = cfg.get("bnb_config_kwargs") if isinstance(cfg.get("bnb_config_kwargs"), dict) else {}
+        full_precision = not (_on(cfg.get("bf16")) or _on(cfg.get("fp16")))
+        targets = cfg.get("lora_target_modules") or []
+        targets = [targets] if isinstance(targets, str) else [t for t in targets if isinstance(t, str)]
+        if cfg.get("lora_target_linear"):
+            targets = list(Arch.linear_shapes(Arch("", 1, 1, 1, 1, 1, 1, 1, False)))
+        gc = cfg.get("gradient_checkpointing")
+        return cls(
+            quant=quant,
+            double_quant=bnb.get("bnb_4bit_use_double_quant", True) is not False,
+            dtype_bytes=4 if full_precision and quant == "none" else 2,
+            adapter=cfg.get("adapter") if cfg.get("adapter") in ("lora", "qlora") else None,
+            lora_r=int(num("lora_r", 8)),
+            lora_targets=targets,
+            lora_dropout=float(num("lora_dropout", 0.0)),
+            modules_to_save=[m for m in cfg.get("lora_modules_to_save") or [] if isinstance(m, str)],
+            optimizer=str(cfg.get("optimizer") or "adamw_torch_fused"),
+            seq=int(num("sequence_len", 2048)),
+            micro_batch=int(num("micro_batch_size", 1)),
+            checkpointing=bool(gc) and gc not in ("false", "False"),
+            offload=gc in ("offload", "offload_disk") or bool(cfg.get("activation_offloading")),
+            fused_ce=(liger and bool(cfg.get("liger_fused_linear_cross_entropy"))) or cce,
+            liger_layers=liger and bool(cfg.get("liger_rms_norm") or cfg.get("liger_glu_activation")),
+            rl=cfg.get("rl") if isinstance(cfg.get("rl"), str) else None,
+            separate_reference=cfg.get("rl") in ("dpo", "ipo") and cfg.get("adapter") not in ("lora", "qlora"),
+            plugins=plugins,
+        )
+
+
+def optimizer_state_bytes(name: str) -> float:
+    """Optimizer state per trainable parameter."""
+    name = name.lower()
+    if "sgd" in name:
+        return 0.0
+    if "adafactor" in name:
+        return 0.1  # factored second moment
+    if "4bit" in name:
+        return 1.0
+    if "8bit" in name:
+        return 2.0  # two 8-bit moments
+    if "lion" in name:
+        return 4.0
+    return 8.0  # two fp32 moments
+
+
+# ---------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    arch: Arch
+    setup: Setup
+    parts: dict  # GiB by component, summing to `allocated`
+    notes: list[str]
+
+    @property
+    def allocated(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def needed(self) -> float:
+        return self.allocated * (1 + SLACK) + CUDA_CONTEXT_GIB
+
+    def verdict(self, gpu_gib: float) -> str:
+        return "fits" if self.needed <= 0.9 * gpu_gib else "tight" if self.needed <= gpu_gib else "does not fit"
+
+    def to_dict(self) -> dict:
+        return {"model": self.arch.name, "arch_source": self.arch.source, "params_b": round(self.arch.params / 1e9, 3),
+                "parts_gib": {k: round(v, 3) for k, v in self.parts.items()},
+                "allocated_gib": round(self.allocated, 2), "needed_gib": round(self.needed, 2), "notes": self.notes}
+
+
+def estimate(arch: Arch, s: Setup) -> Estimate:
+    h, i, L, V = arch.hidden, arch.intermediate, arch.layers, arch.vocab
+    notes = []
+    other = arch.params - arch.linear_params  # embeddings, lm_head, norms: never quantized
+    if s.quant == "4bit":
+        weights = arch.linear_params * (NF4 + (ABSMAX_DQ if s.double_quant else ABSMAX)) + other * 2
+    elif s.quant == "8bit":
+        weights = arch.linear_params * 1.0 + other * 2
+    else:
+        weights = arch.params * s.dtype_bytes
+    opt = optimizer_state_bytes(s.optimizer)
+
+    # trainable state: LoRA adapters are fp32 (PEFT upcasts them); full fine-tuning trains every weight in place
+    shapes = arch.linear_shapes()
+    if s.adapter:
+        targets = [t for t in s.lora_targets if t in shapes]
+        lora = L * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in targets)
+        saved = sum(V * h for m in s.modules_to_save if m in ("embed_tokens", "lm_head"))
+        trainable = (lora + saved) * (4 + 4 + opt)
+        if not targets:
+            notes.append("no LoRA target matched a known projection; adapter memory counted as 0")
+    else:
+        targets = []
+        trainable = arch.params * (s.dtype_bytes + opt)
+
+    # activations, per token of one micro-batch (DPO runs chosen and rejected: twice the tokens)
+    tokens = s.seq * s.micro_batch * (2 if s.rl in ("dpo", "ipo", "orpo", "simpo") else 1)
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    layer = 4 * h + (q + 2 * kv) + (q + kv) + q + 4 * i  # norms, qkv, rope, attention out, SwiGLU
+    if s.lora_dropout > 0:  # each adapted projection keeps a dropped-out copy of its input
+        layer += sum(shapes[t][0] for t in targets)
+    if s.liger_layers:
+        layer -= 2 * h + 2 * i  # fused RMSNorm and SwiGLU keep fewer intermediates
+    if s.checkpointing:
+        stored = 0 if s.offload else L * h * 2
+        act = tokens * (stored + LAYER_FACTOR * layer * 2)
+    else:
+        act = tokens * L * layer * 2
+    logits = tokens * h * FUSED_CE_BYTES if s.fused_ce else tokens * V * LOGIT_BYTES
+    workspace = WORKSPACE_GIB * GIB
+
+    parts = {"weights": weights, "trainable (params+grads+optimizer)": trainable, "activations": act,
+             "logits / loss": logits, "workspace": workspace}
+    if s.separate_reference:
+        parts["reference model"] = weights
+        notes.append("DPO without an adapter loads a second (reference) model: with `adapter: qlora` the policy "
+                     "with its adapter disabled is the reference, and this line disappears")
+    return Estimate(arch, s, {k: v / GIB for k, v in parts.items()}, notes)
+
+
+def estimate_recipe(cfg: dict, arch: Arch | None = None) -> Estimate | None:
+    arch = arch or find_arch(cfg.get("base_model"))
+    return estimate(arch, Setup.from_recipe(cfg)) if arch else None
+
+
+def gpu_gib(profile: str) -> float:
+    """A profile name or a number of GiB."""
+    if profile in PROFILES:
+        return PROFILES[profile]
+    try:
+        value = float(re.sub(r"(?i)\s*gi?b$", "", profile))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        from training.errors import LoftError
+
+        raise LoftError(f"unknown GPU profile `{profile}`; use one of {', '.join(PROFILES)} or a size in GiB (e.g. 24)")
+    return value
+
+
+# ---------------------------------------------------------------- the cheapest change that fits
+def _liger(cfg: dict) -> dict:
+    plugins = list(cfg.get("plugins") or [])
+    if not any("liger" in str(p).lower() for p in plugins):
+        plugins.append("axolotl.integrations.liger.LigerPlugin")
+    return {"plugins": plugins, "liger_fused_linear_cross_entropy": True, "liger_rms_norm": True,
+            "liger_glu_activation": True, "liger_rope": True}
+
+
+def remedies(cfg: dict) -> list[tuple[str, dict]]:
+    """Changes in order of cost to the run: free first, then slower, then lower quality."""
+    s = Setup.from_recipe(cfg)
+    out = []
+    if not s.checkpointing:
+        out.append(("enable gradient checkpointing (~20% slower)", {"gradient_checkpointing": True}))
+    if not s.fused_ce:
+        out.append(("Liger kernels with fused linear cross-entropy (no full logits)", _liger(cfg)))
+    if optimizer_state_bytes(s.optimizer) > 2:
+        out.append(("paged 8-bit AdamW", {"optimizer": "paged_adamw_8bit"}))
+    mb, ga = s.micro_batch, cfg.get("gradient_accumulation_steps") or 1
+    while mb > 1:
+        mb //= 2
+        ga = ga * 2 if isinstance(ga, int) else ga
+        out.append((f"micro-batch {mb} × grad-accum {ga} (same effective batch)",
+                    {"micro_batch_size": mb, "gradient_accumulation_steps": ga}))
+    if s.quant == "none":
+        out.append(("4-bit QLoRA base (nf4)", {"adapter": "qlora", "load_in_4bit": True, "bf16": "auto"}))
+    seq = s.seq
+    while seq > 512:
+        seq //= 2
+        out.append((f"sequence_len {seq} (longer rows get dropped or truncated)", {"sequence_len": seq}))
+    return out
+
+
+def cheapest_fit(cfg: dict, arch: Arch, gpu: float) -> tuple[list[str], dict, Estimate] | None:
+    """The first single change that fits; else the shortest prefix of the list applied together."""
+    options = remedies(cfg)
+    for label, change in options:
+        est = estimate(arch, Setup.from_recipe({**cfg, **change}))
+        if est.verdict(gpu) == "fits":
+            return [label], change, est
+    merged, labels = {}, []
+    for label, change in options:
+        merged.update(change)
+        labels.append(label)
+        est = estimate(arch, Setup.from_recipe({**cfg, **merged}))
+        if est.verdict(gpu) == "fits":
+            return labels, merged, est
+    return None
+
+
+# ---------------------------------------------------------------- calibration against measured peaks
+QWEN7, LLAMA8 = "Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"
+_QLORA = {"adapter": "qlora", "load_in_4bit": True, "bf16": True, "lora_r": 16, "lora_target_linear": True,
+          "lora_dropout": 0.05, "gradient_checkpointing": True, "optimizer": "paged_adamw_8bit",
+          "micro_batch_size": 1, "gradient_accumulation_steps": 8, "sample_packing": True}
+_LIGER = {"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True,
+          "liger_rms_norm": True, "liger_glu_activation": True, "liger_rope": True}
+SOURCE = "/work/shared/gpu-host/README.md (one H100 80 GB, 2026-11-22)"
+# (label, recipe, measured peak allocated GiB, what the estimator leaves out)
+CALIBRATION = [
+    ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing", {"base_model": QWEN7, **_QLORA, "sequence_len": 1024}, 7.52, ""),
+    ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing + Liger", {"base_model": QWEN7, **_QLORA, **_LIGER, "sequence_len": 1024}, 6.11, ""),
+    ("Qwen2.5-7B bf16 LoRA r16 + Liger, seq 2048, mb 4", {"base_model": QWEN7, **_QLORA, **_LIGER, "adapter": "lora",
+     "load_in_4bit": False, "sequence_len": 2048, "micro_batch_size": 4, "gradient_accumulation_steps": 2}, 18.1, ""),
+    ("Llama-3.1-8B QLoRA r16 + Liger, seq 8192, mb 1", {"base_model": LLAMA8, **_QLORA, **_LIGER, "sequence_len": 8192}, 9.26, ""),
+    ("Llama-3.1-8B QLoRA r16 + Liger, seq 16384, mb 1", {"base_model": LLAMA8, **_QLORA, **_LIGER, "sequence_len": 16384}, 12.84, ""),
+    ("Qwen2.5-7B DPO QLoRA r16, seq 1024, ref = adapter disabled (TRL)", {"base_model": QWEN7, **_QLORA, "rl": "dpo",
+     "sample_packing": False, "sequence_len": 1024}, 8.34, "TRL DPOTrainer, not Axolotl; row lengths not recorded"),
+    ("Qwen2.5-7B DPO QLoRA r16, seq 1024, ref = second 4-bit model (TRL)", {"base_model": QWEN7, **_QLORA, "rl": "dpo",
+     "sample_packing": False, "sequence_len": 1024, "_separate_reference": True}, 13.52,
+     "TRL DPOTrainer with a PEFT model and a separate 4-bit reference"),
+    ("Qwen2.5-7B QLoRA r16, seq 1024, no packing (TRL SFTTrainer)", {"base_model": QWEN7, **_QLORA, "sample_packing": False,
+     "sequence_len": 1024}, 8.71, "TRL also computes entropy and token accuracy over the full logits"),
+]
+
+
+def calibration_table() -> list[dict]:
+    rows = []
+    for label, cfg, measured, caveat in CALIBRATION:
+        s = Setup.from_recipe(cfg)
+        s.separate_reference = s.separate_reference or cfg.get("_separate_reference", False)  # TRL only
+        est = estimate(find_arch(cfg["base_model"]), s)
+        rows.append({"run": label, "estimate_gib": round(est.allocated, 2), "measured_gib": measured,
+                     "error_pct": round(100 * (est.allocated - measured) / measured, 1), "caveat": caveat})
+    return rows
+
+
+def format_estimate(est: Estimate, gpu: float | None = None, profile: str | None = None) -> str:
+    lines = [f"memory: {est.arch.name} ({est.arch.params / 1e9:.2f} B params, {est.arch.source})"]
+    for name, gib in est.parts.items():
+        lines.append(f"  {name:<36} {gib:6.2f} GiB")
+    lines.append(f"  {'peak allocated':<36} {est.allocated:6.2f} GiB")
+    lines.append(f"  {'+ allocator slack + CUDA context':<36} {est.needed:6.2f} GiB needed")
+    if gpu:
+        lines.append(f"  verdict on {profile or ''} ({gpu:g} GiB): {est.verdict(gpu)}")
+    lines += [f"  note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(f"| run | estimate GiB | measured GiB | error | not modelled |\n|---|---|---|---|---|")
+    for row in calibration_table():
+        print(f"| {row['run']} | {row['estimate_gib']} | {row['measured_gib']} | {row['error_pct']:+.1f}% | {row['caveat']} |")
