@@ -83,11 +83,17 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
                 value = float(value)
             except ValueError:
                 pass
-        node = cfg
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node, parts = cfg, key.split(".")
+        try:
+            for part in parts[:-1]:  # a number indexes a list: datasets.0.path=...
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(parts[-1])] = value
+            else:
+                node[parts[-1]] = value
+        except (ValueError, IndexError, TypeError, AttributeError):
+            raise LoftError(f"override `{key}` does not match the recipe's structure "
+                            "(lists take a number: datasets.0.path=...)") from None
     return cfg
 
 
