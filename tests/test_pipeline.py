@@ -52,10 +52,11 @@ def test_training_loss_falls(demo_run):
 def test_merge_matches_adapter_on_base(demo_run):
     run_dir, _ = demo_run
     report = json.loads((run_dir / "merge-report.json").read_text())
-    verification = report["verification"]
-    assert verification["passed"] is True
-    assert verification["top1_agreement"] >= 0.95
-    assert verification["kl_mean"] < 0.02
+    assert report["passed"] is True and report["verified"] is True, report.get("failures")
+    fidelity, bounds = report["fidelity"], report["thresholds"]
+    assert fidelity["tokens"] > 100  # measured on real held-out text, not an empty set
+    assert fidelity["kl_mean"] <= bounds["kl_mean"] and fidelity["top1"] >= bounds["top1_min"]
+    assert abs(fidelity["ppl_candidate"] / fidelity["ppl_reference"] - 1) < 0.01
 
 
 def test_gguf_served_and_answered(demo_run):
