@@ -1,7 +1,8 @@
 """`loft demo`: the whole pipeline on the embedded default model, on a laptop, no GPU, no hub.
 
   data -> train (Axolotl) -> merge (PEFT, verified) -> export (llama.cpp GGUF) -> serve (llama-server)
-  -> generate base vs fine-tuned through the OpenAI API -> style score -> runs/<name>/report.md
+  -> generate base vs fine-tuned through the OpenAI API -> style score, head-to-head on math with a p-value,
+  faithfulness of summaries -> runs/<name>/report.md
 
 Every stage is also its own verb (`loft data`, `loft train`, `loft merge`, `loft export`, `loft serve`,
 `loft bench style`, `loft report`); this module only strings them together and times them.
@@ -20,6 +21,8 @@ EXAMPLE = "loft demo            # about 10 minutes on 2 CPU cores"
 RECIPE = REPO / "recipes" / "smollm2-135m" / "lora-cpu.yaml"
 DATA_ARGS = dict(name="shakespeare-mini", passage_tokens=64, max_train_rows=2000, max_eval_rows=24)
 GEN = dict(max_tokens=96, temperature=0.8, top_p=0.95, seed=0)  # sampled, seeded: greedy 135M output loops
+CHECKABLE = dict(max_tokens=96, temperature=0.0, seed=0)  # math and summaries: greedy, answers are checked
+MATH_ITEMS = 20
 
 
 def ensure_demo_data() -> Path:
@@ -59,7 +62,7 @@ def base_gguf() -> Path:
 
 
 def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False) -> Path:
-    from benchmarks import generate, report, style
+    from benchmarks import faithfulness, generate, report, style, versus
     from training import export, merge, train
     from training.model import ensure_default_model
     from training.serve import llama_server
@@ -86,20 +89,31 @@ def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False)
     stage("merge")
     merged = MERGED / f"smollm2-135m-{name}"
     merge_report = merge.merge(run_dir / "adapter", merged, dtype="bf16", force=True, eval_path=data_dir / "eval.jsonl")
-    (run_dir / "merge-report.json").write_text(json.dumps(merge_report, indent=2))
+    (run_dir / report.MERGE_JSON).write_text(json.dumps(merge_report, indent=2))
 
     stage("export")
     heldout_text = run_dir / "heldout.txt"
     heldout_text.write_text("\n\n".join(refs), encoding="utf-8")
-    export_report = export.export(merged, run_dir / "gguf", ["f16", "q8_0"], eval_text=heldout_text)
-    (run_dir / "export-report.json").write_text(json.dumps(export_report, indent=2))
+    export_report = export.export(merged, run_dir / "gguf", ["f16", "q8_0", "q5_k_m", "q4_k_m"], eval_text=heldout_text)
+    (run_dir / report.EXPORT_JSON).write_text(json.dumps(export_report, indent=2))
     tuned = next(Path(f["path"]) for f in export_report["files"] if f["quant"] == "f16")
 
     stage("serve + generate")
-    outputs = {}
+    math_items, sources = versus.math_problems(MATH_ITEMS, seed=0), faithfulness.load_sources()
+    outputs, math_out, summaries = {}, {}, {}
     for label, gguf in (("base", base_gguf()), ("fine-tuned", tuned)):
         with llama_server(gguf) as url:
             outputs[label] = generate.openai_chat(url, prompts, model=gguf.stem, identity=gguf, **GEN)
+            math_out[label] = generate.openai_chat(url, versus.prompts_for("math", math_items), model=gguf.stem,
+                                                   identity=gguf, **CHECKABLE)
+            summaries[label] = generate.openai_chat(url, faithfulness.prompts(sources), model=gguf.stem,
+                                                    identity=gguf, **CHECKABLE)
+
+    stage("head-to-head + faithfulness")
+    math = versus.head_to_head("math", math_items, math_out, "fine-tuned", "base")
+    (run_dir / report.VERSUS_JSON).write_text(json.dumps({"tasks": {"math": math}, "seed": 0}, indent=2))
+    (run_dir / report.FAITHFULNESS_JSON).write_text(
+        json.dumps(faithfulness.faithfulness_report(sources, summaries), indent=2))
 
     stage("style benchmark")
     result = style.style_report(refs, outputs, baseline="base")
@@ -107,13 +121,13 @@ def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False)
         {"prompt": p[-1]["content"], "base": b, "fine-tuned": f, "reference": r}
         for p, b, f, r in list(zip(prompts, outputs["base"], outputs["fine-tuned"], refs))[:4]
     ]
-    (run_dir / "style.json").write_text(json.dumps(result, indent=2))
+    (run_dir / report.STYLE_JSON).write_text(json.dumps(result, indent=2))
 
     stage("report")
     path = report.render(run_dir)
     timings["end"] = time.time()
     labels = list(timings)
-    (run_dir / "pipeline.json").write_text(json.dumps(
+    (run_dir / report.PIPELINE_JSON).write_text(json.dumps(
         {a: round(timings[b] - timings[a], 1) for a, b in zip(labels, labels[1:])}, indent=2))
     return path
 
