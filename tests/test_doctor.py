@@ -144,7 +144,7 @@ def test_unloadable_plugin(tmp_path, data):
 
 def test_guard_keys_need_the_guard_plugin(tmp_path, data):
     keys = {"loft_guard_grad_zero_steps": 5}
-    assert "LOFT-E002" in findings(make(tmp_path, data, **keys), data=False)
+    assert "LOFT-E002" in findings(make(tmp_path, data, plugins=DROP, **keys), data=False)
     with_plugin = make(tmp_path, data, plugins=["training.guard.HealthGuardPlugin"], **keys)
     assert findings(with_plugin, data=False) == {}
 

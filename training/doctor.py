@@ -109,7 +109,7 @@ def load_recipe(path: Path, report: Report) -> dict | None:
 
 def plugin_fields(cfg: dict, report: Report) -> set[str]:
     """Import each listed plugin (as Axolotl will) and return the recipe keys it adds."""
-    import importlib
+    from training import recipe as recipes
 
     plugins = cfg.get("plugins")
     if plugins is None:
@@ -121,20 +121,11 @@ def plugin_fields(cfg: dict, report: Report) -> set[str]:
         return set()
     fields, good = set(), []
     for name in plugins:
-        module, cls = name.rsplit(".", 1)
         try:
-            try:
-                mod = importlib.import_module(module)
-            except ModuleNotFoundError:
-                mod = importlib.import_module("axolotl.integrations." + module)
-            plugin = getattr(mod, cls)()
-            args = plugin.get_input_args()
-            if args:
-                amod, acls = args.rsplit(".", 1)
-                fields |= set(getattr(importlib.import_module(amod), acls).model_fields)
+            fields |= recipes.plugin_keys(name)
             good.append(name)
-        except Exception as err:  # ImportError, AttributeError, or the plugin's own failure
-            report.add("LOFT-E005", "error", f"plugin `{name}` cannot be loaded: {type(err).__name__}: {err}",
+        except LoftError as err:
+            report.add("LOFT-E005", "error", str(err).split("; check")[0],
                        "check the import path (module.Class) and that its package is installed; Loft's own are "
                        "training.guard.HealthGuardPlugin", key="plugins")
     cfg["plugins"] = good

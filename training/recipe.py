@@ -31,32 +31,37 @@ def load(path: str | Path) -> dict:
     return cfg
 
 
-def axolotl_keys(plugins: list[str] | None = None) -> set[str]:
-    """Every top-level key Axolotl 0.19's schema accepts, plus the keys the recipe's plugins add.
-
-    Axolotl merges each plugin's get_input_args() model into its schema at load time; we do the same.
-    """
+def plugin_keys(path: str) -> set[str]:
+    """The recipe keys one plugin adds: Axolotl merges its get_input_args() model into the schema at load."""
     import importlib
 
-    from axolotl.utils.schemas.config import AxolotlInputConfig
-
-    models = [AxolotlInputConfig]
-    for path in plugins or []:
-        module, cls = path.rsplit(".", 1)
+    module, cls = path.rsplit(".", 1) if "." in path else (path, "")
+    try:
         try:
-            plugin = getattr(importlib.import_module(module), cls)()
-        except (ImportError, AttributeError) as err:
-            raise LoftError(f"plugin `{path}` cannot be imported ({err}); fix the name under `plugins:`") from None
-        args = plugin.get_input_args() or []
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError:
+            mod = importlib.import_module("axolotl.integrations." + module)
+        args = getattr(mod, cls)().get_input_args() or []
+        keys = set()
         for arg in [args] if isinstance(args, str) else args:
             arg_module, arg_cls = arg.rsplit(".", 1)
-            models.append(getattr(importlib.import_module(arg_module), arg_cls))
+            for name, field in getattr(importlib.import_module(arg_module), arg_cls).model_fields.items():
+                keys |= {name, field.alias} - {None}
+        return keys
+    except Exception as err:  # ImportError, AttributeError, or the plugin's own failure
+        raise LoftError(f"plugin `{path}` cannot be loaded: {type(err).__name__}: {err}; check the import path "
+                        "(module.Class) and that its package is installed") from None
+
+
+def axolotl_keys(plugins: list[str] | None = None) -> set[str]:
+    """Every top-level key Axolotl 0.19's schema accepts, plus the keys the recipe's plugins add."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
     keys = set()
-    for model in models:
-        for name, field in model.model_fields.items():
-            keys.add(name)
-            if field.alias:
-                keys.add(field.alias)
+    for name, field in AxolotlInputConfig.model_fields.items():
+        keys |= {name, field.alias} - {None}
+    for path in plugins or []:
+        keys |= plugin_keys(path)
     return keys
 
 
