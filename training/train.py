@@ -15,7 +15,7 @@ from training import recipe as recipes
 from training.errors import LoftError
 from training.paths import REPO
 
-HELP = "Train a recipe with Axolotl into runs/<name>/ (overrides with --set key=value)."
+HELP = "Doctor a recipe, then train it with Axolotl and the health guard into runs/<name>/ (--set key=value)."
 EXAMPLE = "loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick"
 
 
