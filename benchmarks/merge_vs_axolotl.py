@@ -5,14 +5,18 @@
 Writes benchmarks/results/merge-vs-axolotl-<date>.json; benchmarks/MERGE.md summarises the committed run.
 
   1. lora         loft merge and axolotl merge-lora (its default memory-efficient shard merge) on the demo
-                  adapter, each a subprocess whose process tree is polled for RSS; both outputs scored against
-                  the adapter in PEFT, unmerged, fp32, on the recipe's held-out rows (loft's own metrics).
+                  adapter, each a subprocess whose process tree is polled for RSS, 3 runs each interleaved; both
+                  outputs scored against the adapter in PEFT, unmerged, fp32, on the recipe's held-out rows
+                  (loft's own metrics), and compared tensor by tensor.
   2. qlora        a short QLoRA run on CPU (bitsandbytes NF4 base, PEFT LoRA on all seven projections, plain
                   AdamW; Axolotl cannot train 4-bit on CPU) on the demo data, then loft's QLoRA gap (three
                   candidates vs the NF4 training view) and axolotl merge-lora with load_in_4bit (its NF4
-                  simulation) scored against the same training view.
+                  simulation) scored against the same training view, with its two departures from training
+                  reproduced one at a time.
   3. seed_failure the demo adapter merged onto a dequantised NF4 copy of its base (what a pre-quantized
                   -bnb-4bit checkpoint becomes when "un-quantized"), naively and through loft's verification.
+  4. bounds       correct merges in fp32/fp16/bf16 and five deliberately broken bf16 merges against loft's
+                  verification bounds (the numbers behind THRESHOLDS in training/merge.py).
 """
 
 import argparse
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -86,7 +91,7 @@ class Scorer:
     def vs(self, reference, model_or_lp) -> dict:
         lp = model_or_lp if isinstance(model_or_lp, list) else self.logprobs(model_or_lp)
         metrics = m.compare(reference, lp, self.encoded)
-        return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+        return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------- 1. LoRA: loft vs axolotl
@@ -107,17 +112,28 @@ def same_tensors(ta: dict, tb: dict) -> dict:
             "differing": sorted(rest)[:3]}
 
 
-def lora_section(adapter: Path, recipe: dict, base_dir: Path, scorer: Scorer, work: Path) -> dict:
+def median_cost(costs: list[dict]) -> dict:
+    walls = sorted(c["wall_seconds"] for c in costs)
+    return {"wall_seconds": walls[len(walls) // 2], "peak_rss_mb": max(c["peak_rss_mb"] for c in costs),
+            "runs": costs}
+
+
+def lora_section(adapter: Path, recipe: dict, base_dir: Path, scorer: Scorer, work: Path, repeats: int) -> dict:
+    """Each tool `repeats` times, interleaved, so a neighbour's load hits both alike; median wall, max RSS."""
     reference = scorer.logprobs(m.peft_view(base_dir, adapter, "cpu"))
-    loft_cost = loft_merge(adapter, work / "loft-lora", work, ["--no-verify"])
-    loft_verified_cost = loft_merge(adapter, work / "loft-lora-verified", work, [])
-    axolotl_out, axolotl_cost = axolotl_merge(recipe, adapter, work, "lora")
+    costs = {"loft": [], "loft_verified": [], "axolotl": []}
+    for i in range(repeats):
+        costs["loft"].append(loft_merge(adapter, work / "loft-lora", work, ["--no-verify"]))
+        axolotl_out, cost = axolotl_merge(recipe, adapter, work, f"lora-{i}")
+        costs["axolotl"].append(cost)
+        costs["loft_verified"].append(loft_merge(adapter, work / "loft-lora-verified", work, []))
     return {
         "reference": "adapter in PEFT, unmerged, fp32, on the full-precision base",
-        "loft": {**loft_cost, "with_verification": loft_verified_cost,
+        "loft": {**median_cost(costs["loft"]), "with_verification": median_cost(costs["loft_verified"]),
                  "fidelity": scorer.vs(reference, m.load_merged(work / "loft-lora", "bf16", "cpu")),
                  "saved_dtype": json.loads((work / "loft-lora" / "config.json").read_text()).get("dtype")},
-        "axolotl": {**axolotl_cost, "fidelity": scorer.vs(reference, m.load_merged(axolotl_out, "bf16", "cpu")),
+        "axolotl": {**median_cost(costs["axolotl"]),
+                    "fidelity": scorer.vs(reference, m.load_merged(axolotl_out, "bf16", "cpu")),
                     "saved_dtype": json.loads((axolotl_out / "config.json").read_text()).get("dtype")},
         "loft_vs_axolotl_tensors": same_tensors(weights(work / "loft-lora"), weights(axolotl_out)),
     }
@@ -177,22 +193,29 @@ def qlora_section(base_dir: Path, base_name: str, recipe: dict, data: Path, step
     nf4 = m.NF4(m.layout(base_dir, {}, {})["linear"], quant["quant_type"], quant["double_quant"], quant["blocksize"])
     training_view = scorer.logprobs(m.peft_view(base_dir, run / "adapter", "cpu", nf4=nf4))
     axolotl_out, axolotl_cost = axolotl_merge(q_recipe, run / "adapter", work, "qlora")
-    # Axolotl 0.19 round-trips every 2-D tensor through NF4, the embeddings (and so a tied lm_head) included,
-    # which bitsandbytes never quantizes in training: the same merge with that one change, to attribute the gap.
+    # Why Axolotl's merge sits far from the training view: its NF4 simulation (a) round-trips every 2-D tensor,
+    # the embeddings (and so a tied lm_head) included, which bitsandbytes never quantizes in training, and (b) skips
+    # double quantization (it reads the key from a DictDefault, whose missing keys are None, not the True default)
+    # although Axolotl trains with it. Each cause alone, and both (which reproduces Axolotl's tensors):
     lay = m.layout(base_dir, {}, {})
-    every_2d = m.NF4(lay["linear"] | {lay["emb_in"], lay["emb_out"]}, quant["quant_type"], quant["double_quant"])
+    embeddings = {lay["emb_in"], lay["emb_out"]}
     plan, full = m.lora_plan(run / "adapter", m.read_adapter(run / "adapter"))
-    with_embeddings = m.in_memory_merge(base_dir, plan, full, "bf16", "cpu", every_2d)
+    axolotl_weights = weights(axolotl_out)
+    causes = {}
+    for name, keys, double_quant in (("embeddings also rounded", lay["linear"] | embeddings, True),
+                                     ("no double quantization", lay["linear"], False),
+                                     ("both (Axolotl 0.19)", lay["linear"] | embeddings, False)):
+        merged = m.in_memory_merge(base_dir, plan, full, "bf16", "cpu", m.NF4(keys, "nf4", double_quant))
+        state = {k: v for k, v in merged.state_dict().items() if k in axolotl_weights}
+        causes[name] = {"vs_training_view": scorer.vs(training_view, merged),
+                        "tensors_vs_axolotl": same_tensors(state, axolotl_weights)}
     return {
         "training": training,
         "loft_verification": report["fidelity"],
         "qlora_gap": gap,
         "axolotl_nf4_simulation": {
             **axolotl_cost, "vs_training_view": scorer.vs(training_view, m.load_merged(axolotl_out, "bf16", "cpu"))},
-        "deq_nf4_merge_with_embeddings_also_rounded": {
-            "vs_training_view": scorer.vs(training_view, with_embeddings),
-            "tensors_vs_axolotl": same_tensors({k: v for k, v in with_embeddings.state_dict().items()
-                                                if k != "lm_head.weight"}, weights(axolotl_out))},
+        "deq_nf4_merge_variants": causes,
     }
 
 
@@ -223,6 +246,36 @@ def seed_section(adapter: Path, base_dir: Path, work: Path, eval_path: Path | No
             "verified_merge_onto_full_precision_base": {"passed": verified["passed"], **verified["fidelity"]}}
 
 
+# ---------------------------------------------------------------- 4. the verification bounds
+
+
+def bounds_section(adapter: Path, base_dir: Path, scorer: Scorer) -> dict:
+    """Correct merges in each dtype and deliberately broken bf16 merges, scored against the PEFT reference and
+    judged by loft's bounds: the data behind THRESHOLDS in training/merge.py."""
+    reference = scorer.logprobs(m.peft_view(base_dir, adapter, "cpu"))
+    plan, full = m.lora_plan(adapter, m.read_adapter(adapter))
+    nf4 = m.NF4(m.layout(base_dir, {}, {})["linear"])
+    scaled = {k: (kind, a, b, s * 2) for k, (kind, a, b, s) in plan.items()}
+    cases = {
+        "correct, fp32": (plan, "fp32", None),
+        "correct, fp16": (plan, "fp16", None),
+        "correct, bf16": (plan, "bf16", None),
+        "broken: down_proj left out": ({k: v for k, v in plan.items() if "down_proj" not in k}, "bf16", None),
+        "broken: layer 0 left out": ({k: v for k, v in plan.items() if ".layers.0." not in k}, "bf16", None),
+        "broken: scaling x2": (scaled, "bf16", None),
+        "broken: merged onto an NF4-dequantised base": (plan, "bf16", nf4),
+        "broken: adapter not applied": ({}, "bf16", None),
+    }
+    result = {}
+    for name, (case_plan, dtype, case_nf4) in cases.items():
+        model = m.in_memory_merge(base_dir, case_plan, full, dtype, "cpu", case_nf4)
+        metrics = scorer.vs(reference, model)
+        result[name] = {**metrics, "passes_loft_bounds": not m.judge(metrics, m.THRESHOLDS[dtype])}
+        if name == "correct, bf16":  # the same bf16 weights computed in fp32: how much is weight rounding
+            result["correct, bf16 weights, fp32 compute"] = scorer.vs(reference, model.float())
+    return result
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -230,6 +283,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapter", type=Path, default=REPO / "runs" / "smollm2-135m-lora-cpu" / "adapter")
     p.add_argument("--qlora-steps", type=int, default=30, help="QLoRA steps on CPU for section 2 (0 = skip)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each merge in section 1 (default 3)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/merge-vs-axolotl-<date>.json)")
     args = p.parse_args(argv)
     from training.paths import apply_private_env
@@ -247,24 +301,30 @@ def main(argv=None) -> int:
     eval_path = Path(source) if source != "built-in" else None
     scorer = Scorer(adapter if (adapter / "tokenizer_config.json").exists() else base_dir, rows)
 
+    def rel(path: Path) -> str:
+        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
     date = datetime.date.today().isoformat()
     result = {"date": date, "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "versions": {**m.versions(), "axolotl": __import__("importlib.metadata").metadata.version("axolotl")},
-              "adapter": str(adapter.relative_to(REPO)) if adapter.is_relative_to(REPO) else str(adapter),
-              "base": base_name, "recipe": str(recipe_path.relative_to(REPO)), "eval_rows": len(rows),
-              "eval_source": source, "thresholds_bf16": m.THRESHOLDS["bf16"]}
+              "versions": {**m.versions(), "axolotl": version("axolotl")},
+              "adapter": rel(adapter), "base": base_name, "recipe": rel(recipe_path), "eval_rows": len(rows),
+              "eval_source": rel(eval_path) if eval_path else source, "thresholds_bf16": m.THRESHOLDS["bf16"],
+              "load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
     with tempfile.TemporaryDirectory(dir=REPO / "runs", prefix=".merge-bench-") as tmp:
         work = Path(tmp)
         print("== 1. LoRA: loft merge vs axolotl merge-lora", flush=True)
-        result["lora"] = lora_section(adapter, recipe, base_dir, scorer, work)
+        result["lora"] = lora_section(adapter, recipe, base_dir, scorer, work, args.repeats)
         print(json.dumps(result["lora"], indent=1), flush=True)
         print("== 3. seed failure", flush=True)
         result["seed_failure"] = seed_section(adapter, base_dir, work, eval_path)
         print(json.dumps(result["seed_failure"], indent=1), flush=True)
+        print("== 4. verification bounds", flush=True)
+        result["bounds"] = bounds_section(adapter, base_dir, scorer)
         if args.qlora_steps:
             print("== 2. QLoRA gap", flush=True)
             data = REPO / recipe["datasets"][0]["path"]
             result["qlora"] = qlora_section(base_dir, base_name, recipe, data, args.qlora_steps, scorer, work)
+    result["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)  # other work on the machine, for the timings
     out = args.out or RESULTS / f"merge-vs-axolotl-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
