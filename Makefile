@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test clean
 
+# The demo dataset too, so `accelerate launch -m axolotl.cli.train recipes/smollm2-135m/lora-cpu.yaml` works as is.
 setup:
 	@bash setup/install.sh --profile cpu
+	@$(PY) -c "from training.demo import ensure_demo_data; ensure_demo_data()"
 
 demo: setup
 	@$(VENV)/bin/loft demo
