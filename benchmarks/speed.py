@@ -20,7 +20,6 @@ One throughput measure for every runner (benchmarks/speed_probe.py counts, this 
 """
 
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -32,11 +31,11 @@ from datetime import date
 from importlib import metadata
 from pathlib import Path
 
-import yaml
 
 from training import recipe as recipes
 from training import train as trainer
 from training.errors import LoftError
+from training.measure import DROP, PAD_ID, WORDS, random_model, word_tokenizer
 from training.paths import REPO, RUNS
 
 HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs a hand-written TRL baseline."
@@ -56,11 +55,6 @@ PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H20
                ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
                ("A10G", 70.0)]
 
-SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
-PAD_ID = 0
-WORDS = 4000
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TURN_TOKENS = 3  # <|im_start|> role ... <|im_end|>: what ChatML adds to each turn
 PROFILES = {"shakespeare": (184, 0.15)}  # (median tokens, log-normal sigma) of a whole row
 
@@ -129,20 +123,6 @@ def fits(peak_reserved_gib: float | None, cap_gib: float | None) -> bool | None:
 
 
 # ---------------------------------------------------------------- synthetic data and model
-def build_tokenizer(out: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(WORDS)])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-                                  additional_special_tokens=["<|im_start|>"], model_max_length=1 << 20)
-    tok.chat_template = CHATML
-    tok.save_pretrained(out)
-    return tok
-
-
 def row_lengths(n: int, data: str, seq_len: int, seed: int = 0) -> list[int]:
     """Token length of each whole row (template included), clipped into [32, seq_len - 8]."""
     rng = random.Random(seed)
@@ -178,75 +158,8 @@ def write_rows(path: Path, task: str, lengths: list[int], seed: int = 0) -> floa
     return sum(lengths) / len(lengths)
 
 
-def make_model(model_dir: str) -> None:
-    """Random-initialise config.json's architecture in bf16 on the GPU and save it (run in a child process)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(model_dir)
-    Path(model_dir, "bench-meta.json").write_text(json.dumps({"n_params": model.num_parameters()}))
-
-
-def ensure_tokenizer() -> Path:
-    """The word-level tokenizer lives in its own folder: next to a config.json, AutoTokenizer would swap it for
-    the model family's own tokenizer class (Qwen2Tokenizer, ...), which re-splits the words."""
-    out = BENCH / "tokenizer"
-    if not (out / "tokenizer.json").exists():
-        build_tokenizer(out)
-    return out
-
-
-def ensure_model(name: str, arch: dict) -> Path:
-    from transformers import AutoConfig
-
-    out = BENCH / "models" / name
-    if (out / "bench-meta.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    AutoConfig.for_model(**arch).save_pretrained(out)
-    print(f"loft bench speed: random-initialising {name} ({n_params(arch) / 1e9:.2f}B parameters) -> {out}")
-    subprocess.run([sys.executable, "-c", f"from benchmarks.speed import make_model; make_model({str(out)!r})"],
-                   cwd=REPO, check=True)
-    return out
-
-
 # ---------------------------------------------------------------- runners
-# Keys that point at data, tokenizers, evaluation, checkpoints or trackers: the benchmark replaces or drops them.
-DROP = ("datasets", "test_datasets", "pretraining_dataset", "chat_template", "chat_template_jinja", "special_tokens",
-        "tokens", "added_tokens_overrides", "tokenizer_config", "tokenizer_type", "base_model_config", "eval_steps",
-        "evals_per_epoch", "saves_per_epoch", "save_steps", "save_total_limit", "eval_strategy", "do_bench_eval",
-        "hub_model_id", "push_to_hub", "use_wandb", "wandb_project", "wandb_name", "wandb_entity", "use_mlflow",
-        "resume_from_checkpoint", "lora_model_dir", "num_epochs", "max_steps", "val_set_size", "eval_table_size")
 PLUGIN = "benchmarks.speed_probe.SpeedPlugin"
-
-
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    """training.recipe.apply_overrides, plus the keys of the plugins the recipe lists (Liger's `liger_*`):
-    Axolotl's core schema, which recipe.py checks against, does not know them."""
-    plugins = list(cfg.get("plugins") or [])
-    for item in overrides:
-        if item.startswith("plugins="):
-            plugins = yaml.safe_load(item.split("=", 1)[1]) or []
-    plugin_keys = set()
-    if plugins:
-        from axolotl.integrations.base import load_plugin
-
-        for name in plugins:
-            path = load_plugin(name).get_input_args()
-            if path:
-                module, cls = path.rsplit(".", 1)
-                plugin_keys |= set(getattr(importlib.import_module(module), cls).model_fields)
-    core = [o for o in overrides if o.split("=", 1)[0] not in plugin_keys]
-    cfg = recipes.apply_overrides(cfg, core)
-    for item in overrides:
-        if item not in core:
-            key, raw = item.split("=", 1)
-            cfg[key] = yaml.safe_load(raw) if raw else None
-    return cfg
 
 
 def task_of(cfg: dict) -> str:
@@ -421,7 +334,7 @@ def run(args) -> int:
         raise LoftError("--steps must be at least 1 and --warmup at least 0")
     if args.only and args.vs:
         raise LoftError("--only runs one runner; drop it to compare with --vs baseline")
-    cfg = apply_overrides(recipes.load(args.recipe), args.overrides)
+    cfg = recipes.apply_overrides(recipes.load(args.recipe), args.overrides)
     if "sequence_len" not in cfg:
         raise LoftError(f"{args.recipe} sets no sequence_len; the benchmark needs one")
     task = task_of(cfg)
@@ -441,9 +354,8 @@ def run(args) -> int:
     data = work / f"{task}-{args.data}-{seq}.jsonl"
     mean = write_rows(data, task, row_lengths(rows, args.data, seq), seed=0)
 
-    model_dir, tokenizer = ensure_model(arch_name, arch), ensure_tokenizer()
-    meta = json.loads((model_dir / "bench-meta.json").read_text())
-    params = meta["n_params"]
+    model_dir, tokenizer = random_model(arch_name, arch), word_tokenizer()
+    params = json.loads((model_dir / "loft-random.json").read_text())["n_params"]
     env = {"LOFT_SPEED_OUT": str(work / "loft" / "speed.json"), "LOFT_SPEED_PAD_ID": str(PAD_ID)}
     if args.cap_gib:
         env["LOFT_SPEED_CAP_GIB"] = str(args.cap_gib)

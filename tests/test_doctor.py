@@ -308,10 +308,13 @@ def test_missing_quantization_and_kernel_packages(tmp_path, data, monkeypatch):
 
 # ---------------------------------------------------------------- M3xx memory
 def test_estimator_matches_measured_peaks():
-    """Axolotl runs within 5% of the H100 measurements; the TRL-only runs within 20% (different runner)."""
-    for row in memory.calibration_table():
-        limit = 20 if row["caveat"] else 5
+    """Every Axolotl run committed from the GPU host within ±10% (issue #4), at least 8 of them from
+    `loft doctor --measure`; the TRL-only runs (another runner, row lengths not recorded) within 30%."""
+    rows = memory.calibration_table()
+    for row in rows:
+        limit = 30 if row["caveat"] else 10
         assert abs(row["error_pct"]) <= limit, row
+    assert sum(row["source"].startswith("--measure") for row in rows) >= 8
 
 
 def test_memory_md_holds_the_current_calibration():
@@ -390,18 +393,18 @@ def test_measure_needs_a_gpu(tmp_path, data):
     assert proc.stderr.strip().splitlines()[-1].startswith("loft doctor: error: --measure needs a CUDA GPU")
 
 
-def test_measure_recipe_is_one_axolotl_accepts(tmp_path, data):
-    """--measure itself needs a GPU; the recipe it hands Axolotl is checked here (SFT and DPO)."""
+def test_measure_recipe_is_one_axolotl_accepts(tmp_path):
+    """--measure itself needs a GPU; the recipe it hands Axolotl for each shipped SFT and DPO recipe passes
+    Axolotl's validation (a dropped save_steps once made every real recipe fail on the GPU host)."""
+    from training import recipe as recipes
     from training.measure import measurement_recipe
 
-    arch = memory.find_arch(QWEN7)
-    sft = yaml.safe_load(make(tmp_path, data, base_model=QWEN7, **LIGER).read_text())
-    dpo = yaml.safe_load(make(tmp_path, data, base_model=QWEN7, rl="dpo", test_datasets=DROP, **LIGER).read_text())
-    dpo["datasets"] = [{"path": str(data / "pairs.jsonl"), "split": "train", "type": "chatml.prompt_pairs"}]
-    for cfg in (sft, dpo):
-        run = measurement_recipe(cfg, tmp_path / "model", tmp_path, steps=3, vocab=arch.vocab)
+    for name in ("qwen2.5-7b/qlora-sft-8gb.yaml", "qwen2.5-7b/dpo-qlora-12gb.yaml", "llama-3.1-8b/lora-bf16-80gb.yaml"):
+        cfg = recipes.load(REPO / "recipes" / name)
+        run = measurement_recipe(cfg, tmp_path / "model", tmp_path, steps=3)
         assert run["max_steps"] == 3 and "training.guard.HealthGuardPlugin" in run["plugins"]
+        assert run["datasets"][0]["path"] != cfg["datasets"][0]["path"]
         path = tmp_path / "measure.yaml"
         path.write_text(yaml.safe_dump(run))
         report = doctor.diagnose(path, data=False)
-        assert report.count("error") == 0, [(f.code, f.reason) for f in report.findings]
+        assert report.count("error") == 0, (name, [(f.code, f.reason) for f in report.findings])

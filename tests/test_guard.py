@@ -202,3 +202,31 @@ def test_thresholds_come_from_the_recipe():
     assert feed(flat)["code"] == "G003"
     assert feed(flat, loft_guard_min_improvement=0) is None
     assert feed([5.0, 4.0, 3.0, 2.0] * 10, max_steps=400) is None  # judged only after 10% of 400 steps
+
+
+def test_peak_memory_survives_axolotl_resets(monkeypatch):
+    """Axolotl resets torch's peak counters at every memory log; the guard's peak must still be the run's peak
+    (on the GPU host every --measure once read 5.42 GiB: the peak since Axolotl's last reset). Fake counters."""
+    import torch
+
+    from training.guard import HealthGuardCallback
+
+    counters = {"alloc": 3 * 2**30, "res": 4 * 2**30}
+
+    def reset(device=None):
+        counters["alloc"], counters["res"] = 2**30, 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: counters["alloc"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: counters["res"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda.memory, "reset_peak_memory_stats", reset)
+    guard = HealthGuardCallback.__new__(HealthGuardCallback)
+    guard._reset_cuda_peak()  # train begin: the loading peak is kept apart
+    assert guard.load_peak == 3 and counters["alloc"] == 2**30
+    counters["alloc"], counters["res"] = 9 * 2**30, 10 * 2**30  # a training step's peak ...
+    torch.cuda.reset_peak_memory_stats(0)  # ... then Axolotl's memory log resets the counters
+    counters["alloc"] = 5 * 2**30
+    mem = guard._memory()
+    assert mem["peak_allocated_gib"] == 9 and mem["peak_reserved_gib"] == 10 and mem["load_peak_allocated_gib"] == 3

@@ -352,6 +352,26 @@ def add_arguments(parser) -> None:
                         help="GPU only: train a random-initialised model of the exact architecture for a few steps "
                              "and print measured peak memory next to the estimate")
     parser.add_argument("--measure-steps", type=int, default=4, help="steps for --measure (default 4)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="check the recipe with a value changed, e.g. --set sequence_len=4096 (repeatable)")
+
+
+def with_overrides(recipe: Path, overrides: list[str]) -> Path:
+    """The recipe with --set values applied, written to runs/doctor/ (the file the checks then read)."""
+    import hashlib
+
+    import yaml
+
+    from training import recipe as recipes
+    from training.paths import RUNS
+
+    cfg = recipes.apply_overrides(recipes.load(recipe), overrides)
+    tag = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+    out = RUNS / "doctor" / f"{recipes.default_run_name(recipe)}-{tag}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {recipe} with " + " ".join(f"--set {o}" for o in overrides) + "\n"
+                   + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return out
 
 
 def run(args) -> int:
@@ -363,6 +383,8 @@ def run(args) -> int:
         from training.measure import require_cuda
 
         require_cuda()
+    if args.overrides:
+        args.recipe = with_overrides(args.recipe, args.overrides)
     if args.json:  # keep stdout pure JSON: libraries print banners while the checks run
         import contextlib
 

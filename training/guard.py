@@ -196,12 +196,25 @@ class HealthGuardCallback(TrainerCallback):
         self.problem = {"code": code, "step": step, "reason": reason, "causes": causes, "fixes": fixes}
 
     def _reset_cuda_peak(self):
+        """Start counting at train begin, and keep counting across Axolotl's own resets: it resets torch's peak
+        counters at every memory log (axolotl.utils.bench.gpu_memory_usage_all), so read them first each time."""
         try:
             import torch
 
-            if torch.cuda.is_available():
-                self.load_peak = torch.cuda.max_memory_allocated() / 2**30
-                torch.cuda.reset_peak_memory_stats()
+            if not torch.cuda.is_available():
+                return
+            self.load_peak = torch.cuda.max_memory_allocated() / 2**30
+            reset = getattr(torch.cuda.reset_peak_memory_stats, "loft_original", torch.cuda.reset_peak_memory_stats)
+            reset()
+            self.peaks = [0, 0]
+
+            def folding_reset(device=None):
+                self.peaks = [max(self.peaks[0], torch.cuda.max_memory_allocated(device)),
+                              max(self.peaks[1], torch.cuda.max_memory_reserved(device))]
+                reset(device)
+
+            folding_reset.loft_original = reset
+            torch.cuda.reset_peak_memory_stats = torch.cuda.memory.reset_peak_memory_stats = folding_reset
         except Exception:  # memory bookkeeping must never break training
             pass
 
@@ -211,9 +224,10 @@ class HealthGuardCallback(TrainerCallback):
 
             if not torch.cuda.is_available():
                 return None
-            return {"device": torch.cuda.get_device_name(),
-                    "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,  # since training began
-                    "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            alloc, res = getattr(self, "peaks", [0, 0])
+            return {"device": torch.cuda.get_device_name(),  # since training began
+                    "peak_allocated_gib": max(alloc, torch.cuda.max_memory_allocated()) / 2**30,
+                    "peak_reserved_gib": max(res, torch.cuda.max_memory_reserved()) / 2**30,
                     "load_peak_allocated_gib": getattr(self, "load_peak", None)}  # model loading, before that
         except Exception:
             return None

@@ -14,14 +14,14 @@ Prints, after the doctor's report:
 import json
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from training.errors import LoftError
-from training.paths import RUNS
-
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which but".split()
+from training.paths import REPO, RUNS
 
 
 def require_cuda() -> None:
@@ -32,48 +32,80 @@ def require_cuda() -> None:
                         "drop --measure for the arithmetic estimate, or run it on the GPU host")
 
 
-def tokenizer_dir(base_model: str) -> Path:
-    """The base model's own tokenizer when it is on disk, else the embedded SmolLM2 one (ids < 49152)."""
-    from training.datacheck import resolve
-    from training.model import ensure_default_model
+# The stand-in tokenizer: one token per word `w0`..`w3999` plus ChatML's specials, so row lengths in tokens are
+# exact and every id fits any model's vocabulary. It lives in its own folder: next to a config.json, AutoTokenizer
+# would swap it for the model family's own class (Qwen2Tokenizer, ...), which re-splits the words.
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+PAD_ID = 0
+WORDS = 4000
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-    local = resolve(base_model) if isinstance(base_model, str) else None
-    if local and (local / "tokenizer.json").exists():
-        return local
-    return ensure_default_model(quiet=True)
+
+def word_tokenizer() -> Path:
+    out = RUNS / "random-models" / "word-tokenizer"
+    if (out / "tokenizer.json").exists():
+        return out
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(WORDS)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"], model_max_length=1 << 20)
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    return out
 
 
-def build_model(arch, out: Path, tok_dir: Path) -> Path:
-    """Random-initialised bf16 model of `arch` in `out`, with the tokenizer files of `tok_dir`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    source = json.loads(Path(arch.source).read_text())
-    stamp = out / "loft-arch.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == source:
+def random_model(name: str, config: dict) -> Path:
+    """A random-initialised bf16 model of `config` in runs/random-models/NAME, built once and shared by
+    `loft doctor --measure` and `loft bench speed`. Built in a child process, so its GPU memory is freed before
+    training starts; the stamp records the config it was built from and the parameter count."""
+    config = {k: v for k, v in config.items() if k != "quantization_config"}  # describes weights we do not have
+    out = RUNS / "random-models" / name
+    stamp = out / "loft-random.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("config") == config:
         return out
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    source.pop("quantization_config", None)  # a pre-quantized config describes weights we do not have
-    (out / "config.json").write_text(json.dumps(source))
-    config = AutoConfig.from_pretrained(out)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    del model
-    torch.cuda.empty_cache()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tok_dir / name).exists():
-            shutil.copy(tok_dir / name, out / name)
-    stamp.write_text(json.dumps(source))
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "config.source.json").write_text(json.dumps(config))  # save_pretrained rewrites config.json
+    print(f"random-initialising {name} -> {out}", flush=True)
+    subprocess.run([sys.executable, "-c", f"from training.measure import _initialise; _initialise({str(out)!r})"],
+                   cwd=REPO, check=True)
     return out
+
+
+def _initialise(model_dir: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)
+    Path(model_dir, "loft-random.json").write_text(json.dumps({
+        "config": json.loads(Path(model_dir, "config.source.json").read_text()),
+        "n_params": model.num_parameters()}))
+
+
+# Keys that point at data, tokenizers, evaluation, checkpoints or trackers: --measure and `loft bench speed` replace
+# or drop them and keep every compute key as the recipe has it.
+DROP = ("datasets", "test_datasets", "pretraining_dataset", "chat_template", "chat_template_jinja", "special_tokens",
+        "tokens", "added_tokens_overrides", "tokenizer_config", "tokenizer_type", "base_model_config", "eval_steps",
+        "evals_per_epoch", "saves_per_epoch", "save_steps", "save_total_limit", "eval_strategy", "do_bench_eval",
+        "hub_model_id", "push_to_hub", "use_wandb", "wandb_project", "wandb_name", "wandb_entity", "use_mlflow",
+        "resume_from_checkpoint", "lora_model_dir", "num_epochs", "max_steps", "val_set_size", "eval_table_size")
+
 
 
 def preference_rows(path: Path, seq: int, rows: int) -> Path:
     """prompt + chosen ≈ prompt + rejected ≈ sequence_len tokens (about one token per word)."""
     rng = random.Random(0)
-    text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    text = lambda n: " ".join(f"w{rng.randrange(WORDS)}" for _ in range(n))  # noqa: E731
     with path.open("w") as fh:
         for _ in range(rows):
             fh.write(json.dumps({"prompt": text(seq // 2 - 16), "chosen": text(seq // 2 - 16),
@@ -81,31 +113,29 @@ def preference_rows(path: Path, seq: int, rows: int) -> Path:
     return path
 
 
-def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int, vocab: int) -> dict:
-    run = dict(cfg)
+def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> dict:
+    run = {k: v for k, v in cfg.items() if k not in DROP}
     seq = cfg.get("sequence_len") or 2048
     batch = (cfg.get("micro_batch_size") or 1) * (cfg.get("gradient_accumulation_steps") or 1)
     rows = max(16, 2 * steps * batch)
     if cfg.get("rl"):
         data = preference_rows(work / "pairs.jsonl", seq, rows)
-        run["datasets"] = [{"path": str(data), "split": "train", "type": "chatml.prompt_pairs"}]
+        run["datasets"] = [{"path": str(data), "split": "train", "type": "chatml.default"}]
     else:
         run["datasets"] = [{"path": "synthetic", "type": "_synthetic", "length": rows, "sequence_length": seq,
-                            "max_input_id": min(vocab, 49152) - 1, "seed": 0}]
-    for key in ("test_datasets", "val_set_size", "eval_steps", "evals_per_epoch", "tokenizer_config",
-                "hub_model_id", "resume_from_checkpoint", "wandb_project", "use_wandb", "use_tensorboard"):
-        run.pop(key, None)
+                            "max_input_id": len(SPECIALS) + WORDS - 1, "seed": 0}]
     plugins = [p for p in cfg.get("plugins") or [] if p != "training.guard.HealthGuardPlugin"]
     run.update(base_model=str(model_dir), max_steps=steps, num_epochs=1, save_strategy="no", eval_strategy="no",
                output_dir=str(work / "out"), dataset_prepared_path=str(work / "prepared"), logging_steps=1,
                plugins=plugins + ["training.guard.HealthGuardPlugin"], loft_guard_min_improvement=0,
-               loft_guard_action="warn", chat_template=cfg.get("chat_template") or "chatml")
+               loft_guard_action="warn", tokenizer_config=str(word_tokenizer()),
+               chat_template="tokenizer_default")
     return run
 
 
 def measure(recipe_path: Path, report, steps: int = 4) -> dict:
     from training import recipe as recipes
-    from training.memory import CUDA_CONTEXT_GIB, estimate_recipe, find_arch, normalize
+    from training.memory import CUDA_CONTEXT_GIB, estimate_recipe, find_arch
     from training.train import launch
 
     cfg = recipes.load(recipe_path)
@@ -116,9 +146,10 @@ def measure(recipe_path: Path, report, steps: int = 4) -> dict:
     work = RUNS / "doctor-measure" / recipes.default_run_name(Path(recipe_path))
     work.mkdir(parents=True, exist_ok=True)
     print(f"loft doctor --measure: random-initialised {arch.name} ({arch.params / 1e9:.2f} B) → {work}", flush=True)
-    tok = tokenizer_dir(cfg.get("base_model"))
-    model_dir = build_model(arch, RUNS / "doctor-measure" / "models" / normalize(arch.name), tok)
-    run = measurement_recipe(cfg, model_dir, work, steps, arch.vocab)
+    source = Path(arch.source)
+    model_name = source.parent.name if source.stem == "config" else source.stem
+    model_dir = random_model(model_name, json.loads(source.read_text()))
+    run = measurement_recipe(cfg, model_dir, work, steps)
     resolved = work / "recipe.yaml"
     resolved.write_text(f"# loft doctor --measure of {recipe_path}\n" + yaml.safe_dump(run, sort_keys=False))
     if (work / "out" / "health.json").exists():
@@ -134,11 +165,8 @@ def measure(recipe_path: Path, report, steps: int = 4) -> dict:
           f"({mem['device']}, {steps} steps)")
     print(f"estimate: peak allocated {est.allocated:.2f} GiB → error {err:+.1f}%; needs {est.needed:.2f} GiB vs "
           f"{mem['peak_reserved_gib']:.2f} reserved + {CUDA_CONTEXT_GIB} CUDA context")
-    if arch.vocab < 49152 and tok.name == "smollm2-135m-instruct":
-        print(f"note: the stand-in tokenizer has 49152 ids and this model {arch.vocab}: Axolotl may resize the "
-              "embeddings, so the measurement runs slightly high")
     result = {"measured": mem, "estimate_allocated_gib": round(est.allocated, 3), "error_pct": round(err, 1),
-              "steps": steps, "recipe": str(recipe_path)}
+              "steps": steps, "recipe": str(recipe_path), "arch": model_name, "config": cfg}
     (work / "measure.json").write_text(json.dumps(result, indent=2))
     report.memory = {**(report.memory or {}), "measured": result}
     return result

@@ -8,8 +8,9 @@
                    + a second copy of the weights when DPO loads a separate reference model
     needed         = peak allocated × (1 + allocator slack) + CUDA context
 
-The per-token and logits constants are fitted to peaks measured on an H100 (CALIBRATION below, from
-/work/shared/gpu-host/README.md, 2026-11-22); `python -m training.memory` prints estimate vs measured.
+The per-token and logits constants are fitted to peaks measured on an H100 (calibration_points() below: the
+shared/gpu-host README's points, `loft doctor --measure` runs and recipe runs committed in benchmarks/results/);
+`python -m training.memory` prints estimate vs measured (the table in benchmarks/MEMORY.md).
 Architectures come from training/archs/*.json (see its README) or the base model's local config.json.
 """
 
@@ -33,14 +34,15 @@ PROFILES = {
     "h100-80gb": 79.6,
 }
 
-# ---- constants (bytes unless noted); the fitted ones are marked and checked by CALIBRATION
+# ---- constants (bytes unless noted); the fitted ones are marked and checked by calibration_table()
 NF4 = 0.5  # 4-bit weight
 ABSMAX = 4 / 64  # one fp32 absmax per 64-weight block
 ABSMAX_DQ = 1 / 64 + 4 / (64 * 256)  # double quant: 8-bit absmax + one fp32 per 256 blocks
 CUDA_CONTEXT_GIB = 0.5  # driver + kernels, not in torch's allocated count
 SLACK = 0.06  # reserved / allocated - 1 (measured 1.04 to 1.16 on the host)
-LAYER_FACTOR = 1.0  # fitted: working set of the layer being recomputed, incl. its gradient buffers
-LOGIT_BYTES = 10.0 # fitted: per logit without a fused CE (bf16 logits + fp32 upcast + fp32 grad)
+LAYER_FACTOR = 1.4  # fitted: working set of the layer being recomputed, incl. its gradient buffers
+LOGIT_BYTES = 10.0  # fitted: per logit without a fused CE (bf16 logits + fp32 upcast + fp32 grad)
+REF_LOGIT_BYTES = 4.0  # fitted: DPO's reference log-probs pass keeps fp32 logits until the loss (0 if precomputed)
 FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy (grad of the input + chunks)
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
 
@@ -168,6 +170,7 @@ class Setup:
     liger_layers: bool = False
     rl: str | None = None
     separate_reference: bool = False  # DPO/IPO without an adapter loads the model twice
+    precompute_ref: bool = False  # reference log-probs computed once before training
     plugins: list[str] = field(default_factory=list)
 
     @classmethod
@@ -206,6 +209,7 @@ class Setup:
             liger_layers=liger and bool(cfg.get("liger_rms_norm") or cfg.get("liger_glu_activation")),
             rl=cfg.get("rl") if isinstance(cfg.get("rl"), str) else None,
             separate_reference=cfg.get("rl") in ("dpo", "ipo") and cfg.get("adapter") not in ("lora", "qlora"),
+            precompute_ref=bool(cfg.get("precompute_ref_log_probs")),
             plugins=plugins,
         )
 
@@ -261,35 +265,48 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         weights = arch.linear_params * 1.0 + other * 2
     else:
         weights = arch.params * s.dtype_bytes
+    # bitsandbytes' paged optimizers keep their state in CUDA managed memory: on the GPU while it fits, paged to
+    # CPU RAM under pressure, and outside torch's allocator (its peaks on the host never included it)
+    paged = "paged" in s.optimizer.lower()
     opt = optimizer_state_bytes(s.optimizer)
 
-    # trainable state: LoRA adapters are fp32 (PEFT upcasts them); full fine-tuning trains every weight in place
+    # trainable state: LoRA adapters are fp32 (PEFT upcasts them); modules_to_save are copies in the model's dtype;
+    # full fine-tuning trains every weight in place
     shapes = arch.linear_shapes()
     if s.adapter:
         targets = [t for t in s.lora_targets if t in shapes]
         lora = L * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in targets)
         saved = sum(V * h for m in s.modules_to_save if m in ("embed_tokens", "lm_head"))
-        trainable = (lora + saved) * (4 + 4 + opt)
+        trainable = lora * (4 + 4) + saved * 2 * s.dtype_bytes
+        state = (lora + saved) * opt
         if not targets:
             notes.append("no LoRA target matched a known projection; adapter memory counted as 0")
     else:
         targets = []
-        trainable = arch.params * (s.dtype_bytes + opt)
+        trainable = arch.params * s.dtype_bytes
+        state = arch.params * opt
+    if paged:
+        notes.append(f"{s.optimizer}: {state / GIB:.2f} GiB of optimizer state in CUDA managed memory (paged to CPU "
+                     "RAM under pressure; not in torch's peak allocated)")
+    else:
+        trainable += state
 
     # activations, per token of one micro-batch (DPO runs chosen and rejected: twice the tokens)
     tokens = s.seq * s.micro_batch * (2 if s.rl in ("dpo", "ipo", "orpo", "simpo") else 1)
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     layer = 4 * h + (q + 2 * kv) + (q + kv) + q + 4 * i  # norms, qkv, rope, attention out, SwiGLU
-    if s.lora_dropout > 0:  # each adapted projection keeps a dropped-out copy of its input
-        layer += sum(shapes[t][0] for t in targets)
+    # LoRA dropout copies of the projections' inputs did not show in the host's peaks (with and without
+    # checkpointing), so they are not counted
     if s.liger_layers:
-        layer -= 2 * h + 2 * i  # fused RMSNorm and SwiGLU keep fewer intermediates
+        layer -= 3 * h + i  # fused SwiGLU keeps no silu(gate); fused RMSNorm no fp32 copies (fitted on the host)
     if s.checkpointing:
         stored = 0 if s.offload else L * h * 2
         act = tokens * (stored + LAYER_FACTOR * layer * 2)
     else:
         act = tokens * L * layer * 2
     logits = tokens * h * FUSED_CE_BYTES if s.fused_ce else tokens * V * LOGIT_BYTES
+    if s.rl and not s.fused_ce and not s.precompute_ref:
+        logits += tokens * V * REF_LOGIT_BYTES
     workspace = WORKSPACE_GIB * GIB
 
     parts = {"weights": weights, "trainable (params+grads+optimizer)": trainable, "activations": act,
@@ -398,13 +415,35 @@ CALIBRATION = [
 ]
 
 
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def calibration_points() -> list[tuple[str, str, dict, float, str]]:
+    """(run, source, recipe config, measured peak allocated GiB, caveat): the shared H100 points above, every
+    `loft doctor --measure` run and every recipe run of `loft bench speed` committed in benchmarks/results/."""
+    from training import recipe as recipes
+
+    points = [(label, "shared/gpu-host README", cfg, measured, caveat) for label, cfg, measured, caveat in CALIBRATION]
+    for path in sorted(RESULTS.glob("measure-*.json")):
+        for run in json.loads(path.read_text())["runs"]:
+            points.append((run["name"], f"--measure, {path.name}", run["config"],
+                           round(run["measured"]["peak_allocated_gib"], 2), ""))
+    for path in sorted(RESULTS.glob("speed-*.json")):
+        for name, run in json.loads(path.read_text())["runs"].items():
+            loft = run["runners"].get("loft") or {}
+            if name.startswith("recipe-") and loft.get("status") == "ok":
+                cfg = recipes.apply_overrides(recipes.load(REPO / run["recipe"]), run["overrides"])
+                points.append((name, f"bench speed, {path.name}", cfg, loft["peak_allocated_gib"], ""))
+    return points
+
+
 def calibration_table() -> list[dict]:
     rows = []
-    for label, cfg, measured, caveat in CALIBRATION:
+    for label, source, cfg, measured, caveat in calibration_points():
         s = Setup.from_recipe(cfg)
         s.separate_reference = s.separate_reference or cfg.get("_separate_reference", False)  # TRL only
         est = estimate(find_arch(cfg["base_model"]), s)
-        rows.append({"run": label, "estimate_gib": round(est.allocated, 2), "measured_gib": measured,
+        rows.append({"run": label, "source": source, "estimate_gib": round(est.allocated, 2), "measured_gib": measured,
                      "error_pct": round(100 * (est.allocated - measured) / measured, 1), "caveat": caveat})
     return rows
 
@@ -422,6 +461,7 @@ def format_estimate(est: Estimate, gpu: float | None = None, profile: str | None
 
 
 if __name__ == "__main__":
-    print(f"| run | estimate GiB | measured GiB | error | not modelled |\n|---|---|---|---|---|")
+    print("| run | estimate GiB | measured GiB | error | source | not modelled |\n|---|---|---|---|---|---|")
     for row in calibration_table():
-        print(f"| {row['run']} | {row['estimate_gib']} | {row['measured_gib']} | {row['error_pct']:+.1f}% | {row['caveat']} |")
+        print(f"| {row['run']} | {row['estimate_gib']} | {row['measured_gib']} | {row['error_pct']:+.1f}% | "
+              f"{row['source']} | {row['caveat']} |")

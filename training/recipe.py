@@ -76,6 +76,9 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """`--set key=value` (value parsed as YAML); nested keys with dots: `trl.beta=0.1`."""
     if not overrides:
         return cfg
+    for item in overrides:  # plugins first: the keys they add (Liger's `liger_*`) become valid for the rest
+        if item.startswith("plugins="):
+            cfg["plugins"] = yaml.safe_load(item.split("=", 1)[1]) or []
     known = axolotl_keys(cfg.get("plugins"))
     for item in overrides:
         if "=" not in item:

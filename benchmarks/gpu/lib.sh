@@ -3,7 +3,10 @@
 # command's time limit, print one line per runner at the end. Source it from the repo root on the host.
 set -uo pipefail
 OUT="${OUT:-runs/gpu-out}"
-DEADLINE="${DEADLINE:-540}"  # seconds after which no new measurement starts (the host kills a command at 600)
+# No new measurement starts after this time (epoch seconds; the host kills a command at 600 s). Export it to share
+# one deadline between several scripts in one command. ONLY="name ..." runs just those measurements.
+export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 540 ))}"
+ONLY="${ONLY:-}"
 mkdir -p "$OUT"
 # shellcheck source=/dev/null
 source .whl/activate.sh || exit 1
@@ -11,7 +14,7 @@ export PYTHONPATH="$PWD:$PYTHONPATH"
 
 finish() {
   tar czf "$OUT/logs.tgz" --exclude="*.safetensors" --exclude=prepared --exclude=adapter --exclude="*.trainer" \
-      runs/bench-speed 2>/dev/null
+      --exclude=out runs/bench-speed runs/doctor-measure runs/calibration runs/doctor 2>/dev/null
   python3 - <<'PY' | tee "$OUT/summary.txt"
 import glob, json
 for path in sorted(glob.glob("runs/bench-speed/*/speed.json")):
@@ -26,18 +29,44 @@ for path in sorted(glob.glob("runs/bench-speed/*/speed.json")):
               f"MFU {mfu}")
     if d.get("ratios"):
         print(f"{d['name']:<34} ratio    {d['ratios']}")
+for path in sorted(glob.glob("runs/calibration/*.json")):
+    d = json.load(open(path))
+    m = d["measured"]
+    print(f"{path.split('/')[-1][:-5]:<34} measure  alloc {m['peak_allocated_gib']:>6.2f} res {m['peak_reserved_gib']:>6.2f} "
+          f"est {d['estimate_allocated_gib']:>6.2f} error {d['error_pct']:+.1f}%")
 PY
 }
 trap finish EXIT
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.csv"
 
+# skip NAME: true (and says why) when NAME is not in ONLY or the deadline has passed.
+skip() {
+  if [[ -n $ONLY && " $ONLY " != *" $1 "* ]]; then return 0; fi
+  if (( $(date +%s) > LOFT_GPU_DEADLINE_AT )); then echo "SKIPPED (time): $1"; return 0; fi
+  return 1
+}
+
 # bench NAME RECIPE [loft bench speed options...]: one measurement, skipped if too little time is left.
 bench() {
   local name="$1" recipe="$2"; shift 2
-  if (( SECONDS > DEADLINE )); then echo "SKIPPED (time): $name"; return 0; fi
+  skip "$name" && return 0
   echo "=== $name ($SECONDS s): $recipe $*"
   python3 -m benchmarks.speed "$recipe" --name "$name" "$@" 2>&1 | grep -E "^  |error|Error" || true
+}
+
+# measure NAME RECIPE [--set KEY=VALUE...]: `loft doctor --measure`, its measure.json kept as runs/calibration/NAME.json.
+measure() {
+  local name="$1" recipe="$2"; shift 2
+  skip "$name" && return 0
+  echo "=== measure $name ($SECONDS s): $recipe $*"
+  local stamp; stamp=$(mktemp)
+  python3 -m training.cli doctor "$recipe" --no-data --measure --measure-steps 3 "$@" 2>&1 \
+    | grep -E "^(measured|estimate|loft doctor:|  *error)|Error" || true
+  local made; made=$(find runs/doctor-measure -name measure.json -newer "$stamp" 2>/dev/null | head -1)
+  mkdir -p runs/calibration
+  if [[ -n $made ]]; then cp "$made" "runs/calibration/$name.json"; else echo "NO MEASUREMENT: $name"; fi
+  rm -f "$stamp"
 }
 
 # field NAME RUNNER KEY: a value from runs/bench-speed/NAME/speed.json ("" if absent).
