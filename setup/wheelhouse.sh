@@ -7,12 +7,15 @@
 # pure-Python wheels here with `pip wheel --no-deps`. GPU profiles also carry the flash-attn sdist and ninja, for
 # `install.sh --build-flash-attn` (fetching that sdist runs its setup.py, which imports torch: .venv's Python is
 # used for it; without one it is skipped with a warning). Sizes: cpu ~1 GB, cu128/cu130 ~4-5 GB.
-# Env: PYTHON (the pip to run, default python3), LOFT_VENV, NINJA_VERSION. Example:
+# Env: PYTHON (the pip to run, default python3), LOFT_VENV, NINJA_VERSION, SETUPTOOLS_VERSION. Example:
 #   bash setup/wheelhouse.sh cu130 /data/loft-wheels --python 3.12
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NINJA_VERSION="${NINJA_VERSION:-1.13.0}"
+# The build backend pyproject.toml names: installing Loft itself (pip install -e .) offline needs it, and a
+# Python 3.12 venv has no setuptools at all (3.11's bundled 65.5 is older than pyproject's >=68).
+SETUPTOOLS_VERSION="${SETUPTOOLS_VERSION:-80.9.0}"
 # Axolotl 0.19.0's flash-attn extra; the sdist's sha256 from PyPI (same pin as setup/plan.py and install.sh).
 FLASH_ATTN_SDIST="flash-attn==2.8.3 --hash=sha256:1e71dd64a9e0280e0447b8a0c2541bad4bf6ac65bdeaa2f90e51a9e57de0370d"
 PYPI="https://pypi.org/simple"
@@ -65,6 +68,7 @@ esac
 steps=(
   "pip download --no-deps ${target[*]} -d $DEST -r <$LOCK: wheels>"
   "pip wheel --no-deps -w $DEST -r <$LOCK: sdist-only: $(cut -d' ' -f1 "$work/sdists.txt" | paste -sd' ')>"
+  "pip download --no-deps --only-binary=:all: -d $DEST setuptools==$SETUPTOOLS_VERSION   (Loft's own build backend)"
 )
 case "$PROFILE" in
   cu128) steps+=("pip download ${target[*]} --index-url $torch_index --extra-index-url $PYPI -c <lock> -d $DEST torch==${torch_pin%% *}   (with its CUDA 12 wheels)") ;;
@@ -87,6 +91,7 @@ if [[ -s $work/sdists.txt ]]; then
   done
   cp "$work"/built/*.whl "$DEST/"
 fi
+"${pip[@]}" download -q --no-deps --only-binary=:all: -d "$DEST" "setuptools==$SETUPTOOLS_VERSION"
 case "$PROFILE" in
   cu128)
     "${pip[@]}" download -q "${target[@]}" --index-url "$torch_index" --extra-index-url "$PYPI" \

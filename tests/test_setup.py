@@ -215,6 +215,7 @@ def test_wheelhouse_dry_run_commands():
     assert "--platform manylinux_2_28_x86_64" in out and "--platform manylinux_2_17_x86_64" in out
     assert re.search(r"pip wheel --no-deps .*axolotl-contribs-lgpl==0\.0\.7.*axolotl-contribs-mit==0\.0\.6", out)
     assert "flash-attn==2.8.3" in out
+    assert "setuptools==" in out  # Loft's own build backend: `pip install -e .` offline needs it
 
 
 # --- the locks ---------------------------------------------------------------------------------------------

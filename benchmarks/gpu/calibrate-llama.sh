@@ -13,10 +13,3 @@ measure llama8b-qlora-8192-liger $L/qlora-conservative-24gb.yaml --set sequence_
   "${LIGER[@]}"
 measure llama8b-lora-8bit-rslora $L/lora-8bit-rslora-24gb.yaml
 
-# Target 4 (issue #8): the longest Llama-3.1-8B QLoRA sequence inside 12 GiB. 24,576 overflowed in one layer's
-# MLP with activation offloading alone; tiled_mlp computes the MLP in sequence shards.
-LONG=(--cap-gib 12 --data full --warmup 1 --steps 2 "${LIGER[@]}" --set sample_packing=true --set micro_batch_size=1
-      --set gradient_accumulation_steps=1 --set lora_dropout=0 --set activation_offloading=true --set tiled_mlp=true
-      --set embeddings_skip_upcast=true)
-bench t4-llama8b-qlora-24k-tiled-cap12 $L/qlora-conservative-24gb.yaml "${LONG[@]}" --set sequence_len=24576
-bench t4-llama8b-qlora-32k-tiled-cap12 $L/qlora-conservative-24gb.yaml "${LONG[@]}" --set sequence_len=32768
