@@ -384,3 +384,36 @@ def test_two_steps_on_cpu(name, tiny_models, tmp_path):
         assert all(abs(v) < 1e-3 for v in first.values()), f"policy ≠ reference before training: {first}"
         precomputed = "Computing reference log probs for train dataset" in log  # TRL's progress bar
         assert precomputed == bool(cfg.get("precompute_ref_log_probs")), "precompute_ref_log_probs not honoured"
+
+
+# ---------------------------------------------------------------- (d) Loft's DPO trainer (trainer_cls)
+def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
+    """AxolotlDPOTrainer runs gc.collect() + empty_cache() after every micro-batch; LoftDPOTrainer goes straight
+    to the next class's step. If Axolotl drops that cleanup upstream, the second assert says so."""
+    from axolotl.core.trainers.dpo import trainer as axolotl_dpo
+
+    from training.dpo import LoftDPOTrainer
+
+    calls = []
+    monkeypatch.setattr(axolotl_dpo.gc, "collect", lambda *a: calls.append("gc.collect"))
+    monkeypatch.setattr(axolotl_dpo.torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    mro = LoftDPOTrainer.__mro__
+    after = mro[mro.index(axolotl_dpo.AxolotlDPOTrainer) + 1]
+    monkeypatch.setattr(after, "training_step", lambda self, model, inputs, n=None: "loss", raising=False)
+    trainer = object.__new__(LoftDPOTrainer)
+    assert trainer.training_step(None, {}) == "loss" and calls == []
+    assert axolotl_dpo.AxolotlDPOTrainer.training_step(trainer, None, {}) == "loss"
+    assert calls == ["gc.collect", "empty_cache"]
+
+
+@pytest.mark.slow
+def test_loft_dpo_trainer_trains_the_dpo_recipe(tiny_models, tmp_path):
+    """`trainer_cls: training.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU, rewards logged."""
+    path = RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml"
+    run_dir = tmp_path / "run"
+    cfg = recipes.apply_overrides(cpu_config(path, tiny_models, run_dir), ["trainer_cls=training.dpo.LoftDPOTrainer"])
+    trainer.launch(recipes.write(cfg, run_dir, path), run_dir / "train.log")
+    logged = scalars(run_dir)
+    assert [step for step, _ in logged.get("train/loss", [])][-1:] == [2], f"see {run_dir / 'train.log'}"
+    assert logged.get("train/rewards/margins")
+    assert "loft: LoftDPOTrainer" in (run_dir / "train.log").read_text(errors="replace"), "trainer_cls not used"

@@ -13,7 +13,11 @@ LIGER=(--set "plugins=[axolotl.integrations.liger.LigerPlugin]" --set liger_rms_
 # policy's checkpointed layer inputs.
 bench t3-qwen7b-dpo-2048-precompute $Q/dpo-qlora-precompute-12gb.yaml --data full --warmup 2 --steps 3 \
   --vs baseline --cap-gib 11 --set sequence_len=2048 --set gradient_accumulation_steps=2 "${LIGER[@]}" \
-  --set dpo_use_liger_kernel=true --set activation_offloading=true
+  --set dpo_use_liger_kernel=true --set activation_offloading=true --set trainer_cls=training.dpo.LoftDPOTrainer
+# Target 3's speed half where both fit: the 12 GB recipe with Loft's DPO trainer (no gc.collect/empty_cache per
+# micro-batch, training/dpo.py) against TRL's DPOTrainer at 1,024.
+bench t3-qwen7b-dpo-1024-loft-trainer $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --steps 3 --vs baseline \
+  --cap-gib 12 --set gradient_accumulation_steps=2 --set trainer_cls=training.dpo.LoftDPOTrainer
 
 # Target 4: 24,576 overflowed in one layer's MLP with offloading alone; tiled_mlp computes it in sequence shards.
 LONG=(--cap-gib 12 --data full --warmup 1 --steps 2 "${LIGER[@]}" --set liger_fused_linear_cross_entropy=true
