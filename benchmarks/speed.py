@@ -31,11 +31,11 @@ from datetime import date
 from importlib import metadata
 from pathlib import Path
 
-
 from training import recipe as recipes
 from training import train as trainer
 from training.errors import LoftError
 from training.measure import DROP, PAD_ID, WORDS, random_model, word_tokenizer
+from training.memory import normalize
 from training.paths import REPO, RUNS
 
 HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs a hand-written TRL baseline."
@@ -60,22 +60,15 @@ PROFILES = {"shakespeare": (184, 0.15)}  # (median tokens, log-normal sigma) of 
 
 
 # ---------------------------------------------------------------- architecture and arithmetic
-def _variant_free(name: str) -> str:
-    name = name.lower().split("/")[-1].removeprefix("meta-")
-    for word in ("-bnb-4bit", "-instruct", "-chat", "-it"):
-        name = name.replace(word, "")
-    return name
-
-
 def resolve_arch(base_model: str, arch: str | None = None) -> tuple[str, dict]:
     """(name, HF config dict) for --arch (tiny, a file, or a training/archs name) or for the recipe's base_model."""
     if arch == "tiny":
         return "tiny", dict(TINY)
     if arch and Path(arch).is_file():
         return Path(arch).stem, json.loads(Path(arch).read_text())
-    want = _variant_free(arch or base_model)
+    want = normalize(arch or base_model)
     for path in sorted(ARCHS.glob("*.json")):
-        if _variant_free(path.stem) == want:
+        if normalize(path.stem) == want:
             return path.stem, json.loads(path.read_text())
     known = ", ".join(sorted(p.stem for p in ARCHS.glob("*.json")))
     raise LoftError(f"no architecture for `{arch or base_model}`; pass --arch tiny, --arch PATH/config.json "

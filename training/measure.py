@@ -101,7 +101,6 @@ DROP = ("datasets", "test_datasets", "pretraining_dataset", "chat_template", "ch
         "resume_from_checkpoint", "lora_model_dir", "num_epochs", "max_steps", "val_set_size", "eval_table_size")
 
 
-
 def preference_rows(path: Path, seq: int, rows: int) -> Path:
     """prompt + chosen ≈ prompt + rejected ≈ sequence_len tokens (about one token per word)."""
     rng = random.Random(0)
