@@ -308,6 +308,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--arch", help="architecture: a training/archs name, a config.json path, or `tiny` "
                         "(default: the recipe's base_model)")
     parser.add_argument("--cap-gib", type=float, help="emulate a card with this much GPU memory (e.g. 12)")
+    parser.add_argument("--baseline-cap-gib", type=float, metavar="N",
+                        help="the baseline's cap when it differs from --cap-gib (0: uncapped), e.g. to time a "
+                             "baseline that does not fit the card Loft targets")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
     parser.add_argument("--vs", choices=["baseline"], help="also run the hand-written TRL baseline and print ratios")
@@ -320,6 +323,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", type=Path, help="also write the result here (default: runs/bench-speed/NAME/speed.json)")
     parser.add_argument("--profile", action="store_true", help="profile one extra step per runner (top kernels)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU, if not in the built-in table")
+
+
+def baseline_cap(cap_gib: float | None, baseline_cap_gib: float | None) -> float | None:
+    """The baseline runs under --cap-gib unless --baseline-cap-gib says otherwise (0 = no cap)."""
+    if baseline_cap_gib is None:
+        return cap_gib
+    return baseline_cap_gib or None
 
 
 def run(args) -> int:
@@ -368,7 +378,7 @@ def run(args) -> int:
         step_tokens = results.get("loft", {}).get("tokens_per_step") or loft_step_tokens
         base_ga = ga if not packed else max(1, round(step_tokens / (mb * mean)))
         cmd = baseline_command(cfg, model_dir, tokenizer, data, work / "baseline" / "speed.json", total, base_ga,
-                               args.cap_gib, profile_step)
+                               baseline_cap(args.cap_gib, args.baseline_cap_gib), profile_step)
         results["baseline"] = summarize(run_baseline(cmd, work), params, args.warmup, args.steps, args.peak_tflops)
         results["baseline"]["grad_accum"] = base_ga
         print(line(results["baseline"]), flush=True)
@@ -378,7 +388,8 @@ def run(args) -> int:
         "n_params": params, "date": date.today().isoformat(), "versions": versions(),
         "command": invocation(),
         "data": {"profile": args.data, "rows": rows, "mean_row_tokens": round(mean, 1), "sequence_len": seq},
-        "warmup": args.warmup, "steps": args.steps, "cap_gib": args.cap_gib, "runners": results,
+        "warmup": args.warmup, "steps": args.steps, "cap_gib": args.cap_gib,
+        "baseline_cap_gib": baseline_cap(args.cap_gib, args.baseline_cap_gib), "runners": results,
         "ratios": ratios(results["loft"], results["baseline"]) if len(results) == 2 else None,
         "definitions": {"tokens_per_s": "non-padding input tokens of grad-enabled forwards in the timed optimizer "
                         "steps / synchronised wall-clock from the end of the last warm-up step to the end of the "

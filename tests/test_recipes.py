@@ -408,7 +408,8 @@ def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
 
 @pytest.mark.slow
 def test_loft_dpo_trainer_trains_the_dpo_recipe(tiny_models, tmp_path):
-    """`trainer_cls: training.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU, rewards logged."""
+    """`trainer_cls: training.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU through Axolotl,
+    rewards logged, the chunked log-probs in use (tests/test_dpo.py checks them against TRL's)."""
     path = RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml"
     run_dir = tmp_path / "run"
     cfg = recipes.apply_overrides(cpu_config(path, tiny_models, run_dir), ["trainer_cls=training.dpo.LoftDPOTrainer"])
@@ -416,4 +417,6 @@ def test_loft_dpo_trainer_trains_the_dpo_recipe(tiny_models, tmp_path):
     logged = scalars(run_dir)
     assert [step for step, _ in logged.get("train/loss", [])][-1:] == [2], f"see {run_dir / 'train.log'}"
     assert logged.get("train/rewards/margins")
-    assert "loft: LoftDPOTrainer" in (run_dir / "train.log").read_text(errors="replace"), "trainer_cls not used"
+    log = (run_dir / "train.log").read_text(errors="replace")
+    assert "loft: LoftDPOTrainer" in log, "trainer_cls not used"
+    assert "LM head in chunks of" in log, "the chunked log-probs (training/dpo.py) fell back to TRL's"

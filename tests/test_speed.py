@@ -197,6 +197,15 @@ def test_baseline_command_carries_the_recipe_hyperparameters(tmp_path):
     assert parsed.grad_accum == 43 and parsed.load_in_4bit and parsed.seq_len == 1024
 
 
+def test_baseline_cap_follows_cap_gib_unless_told():
+    assert speed.baseline_cap(11.0, None) == 11.0
+    assert speed.baseline_cap(11.0, 0) is None  # uncapped: time a baseline that does not fit the card
+    assert speed.baseline_cap(None, 24.0) == 24.0
+    cmd = speed.baseline_command({"sequence_len": 64}, Path("m"), Path("t"), Path("d"), Path("o"), 3, 1,
+                                 speed.baseline_cap(11.0, 0), None)
+    assert "--cap-gib" not in cmd
+
+
 def test_resolve_arch_from_base_model_names():
     assert speed.resolve_arch("Qwen/Qwen2.5-7B-Instruct")[0] == "Qwen2.5-7B-Instruct"
     assert speed.resolve_arch("meta-llama/Meta-Llama-3.1-8B-Instruct")[0] == "Llama-3.1-8B-Instruct"

@@ -1,25 +1,173 @@
-"""Axolotl's DPO trainer without its per-micro-batch cleanup, for `trainer_cls: training.dpo.LoftDPOTrainer`.
+"""Loft's DPO trainer, for `trainer_cls: training.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
+plain `accelerate launch -m axolotl.cli.train`). Two changes to Axolotl 0.19's AxolotlDPOTrainer:
 
-Axolotl 0.19's AxolotlDPOTrainer.training_step (axolotl/core/trainers/dpo/trainer.py) runs `gc.collect()` and
-`torch.cuda.empty_cache()` after every micro-batch. With the Axolotl stack imported a full collection takes ~1 s
-(663K objects on the dev machine), and emptying the cache makes the next micro-batch allocate everything again:
-on a tiny model Axolotl's DPO took 5.4-8.9 s per step against TRL's 2.1-2.8 s for the same 8 micro-batches
-(benchmarks/RESULTS.md, target 3). This subclass goes straight to TRL's step, as a hand-written DPOTrainer does.
+1. No `gc.collect()` + `torch.cuda.empty_cache()` after every micro-batch (AxolotlDPOTrainer.training_step,
+   axolotl/core/trainers/dpo/trainer.py). With the Axolotl stack imported a full collection takes ~1 s, and emptying
+   the cache makes the next micro-batch allocate everything again: on a tiny model Axolotl's DPO took 5.4-8.9 s per
+   step against TRL's 2.1-2.8 s for the same 8 micro-batches (benchmarks/RESULTS.md, target 3).
 
-`trainer_cls` is Axolotl's own key, so it works under plain `accelerate launch -m axolotl.cli.train`. The cache is
-then never emptied between micro-batches: on a card with no headroom, reserved memory can sit higher than with
-Axolotl's trainer. Not yet measured on a GPU (benchmarks/gpu/targets-next.sh).
+2. Sequence log-probabilities without the full-vocabulary logits. TRL's DPOTrainer._compute_loss runs the LM head
+   on every position of chosen and rejected (2 x 2,048 x 152,064 logits for Qwen at 2,048 tokens: 1.16 GiB in bf16,
+   plus the log-softmax and its gradient), and Liger's fused DPO loss still takes one whole pair per chunk. Here the
+   decoder's hidden states are gathered at the completion tokens only (the prompt's logits are never used), and the
+   LM head + log-softmax run in chunks of a few hundred tokens under activation checkpointing: one chunk's logits are
+   alive at a time, in training and in the reference pass. The loss and the logged metrics are TRL's (same names);
+   tests/test_dpo.py checks loss and gradients against TRL's own path.
+
+Configurations this does not cover (other loss types, ld_alpha, WPO weighting, MoE aux loss, an f-divergence
+other than reverse KL, a separate reference model, a LoRA on lm_head, vision models, a wrapped model under DDP/FSDP)
+go through TRL's code unchanged.
 """
 
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
+from torch.utils.checkpoint import checkpoint
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+CHUNK_LOGIT_BYTES = 256 * 2**20  # fp32 logits of one chunk; about 4 such buffers are alive while it runs
+CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
+
+
+def _chunk_logps(hidden, weight, bias, labels):
+    """log p(label) for each row of hidden [c, h], with detached per-token stats for TRL's metrics."""
+    logits = F.linear(hidden, weight, bias).float()
+    logz = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
+    with torch.no_grad():
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        stats = torch.stack([logits.mean(-1), entropy, (logits.argmax(-1) == labels).float()])
+    return logps, stats
+
+
+def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: int):
+    """Per-sequence sum of completion-token log-probs, and per-token stats [3, M] (logit mean, entropy, argmax hit)
+    with the row of each of the M completion tokens. hidden: the decoder's last hidden state [R, T, h]."""
+    mask = completion_mask[:, 1:].bool()  # position t predicts token t + 1
+    rows = mask.nonzero(as_tuple=True)[0]
+    states, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]
+    pieces, stats = [], []
+    for start in range(0, len(labels), chunk_tokens):
+        args = (states[start:start + chunk_tokens], lm_head.weight, lm_head.bias, labels[start:start + chunk_tokens])
+        if torch.is_grad_enabled():
+            logps, stat = checkpoint(_chunk_logps, *args, use_reentrant=False)
+        else:
+            logps, stat = _chunk_logps(*args)
+        pieces.append(logps)
+        stats.append(stat)
+    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    seq = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    return seq, (torch.cat(stats, dim=1) if stats else token_logps.new_zeros(3, 0)), rows
 
 
 class LoftDPOTrainer(AxolotlDPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._chunked = self._can_chunk()
         if self.is_world_process_zero():
-            print("loft: LoftDPOTrainer, no gc.collect()/empty_cache() after each micro-batch", flush=True)
+            how = (f"LM head in chunks of {self._chunk_tokens()} completion tokens" if self._chunked
+                   else "TRL's log-probs (configuration not covered by the chunked path)")
+            print(f"loft: LoftDPOTrainer, no gc.collect()/empty_cache() per micro-batch; {how}", flush=True)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the next class after AxolotlDPOTrainer in the MRO: its mixins, then TRL's DPOTrainer
         return super(AxolotlDPOTrainer, self).training_step(model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------ chunked log-probs
+    def _parts(self):
+        """(causal LM, its decoder, lm_head) of the unwrapped model."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        causal = unwrapped.base_model.model if is_peft_model(unwrapped) else unwrapped
+        return unwrapped, causal.base_model, causal.get_output_embeddings()
+
+    def _can_chunk(self) -> bool:
+        if self.use_liger_kernel or self._is_vlm or self.ld_alpha is not None or self.use_weighting:
+            return False
+        if self.aux_loss_enabled or str(self.f_divergence_type).split(".")[-1].lower() != "reverse_kl":
+            return False
+        if not set(self.loss_types) <= CHUNKED_LOSSES or (self.ref_model is not None and not self.precompute_ref_logps):
+            return False
+        unwrapped, _, lm_head = self._parts()
+        if not isinstance(lm_head, torch.nn.Linear) or hasattr(lm_head, "lora_A"):
+            return False
+        return is_peft_model(unwrapped) or self.precompute_ref_logps
+
+    def _chunk_tokens(self) -> int:
+        vocab = self._parts()[2].weight.shape[0]
+        return max(16, CHUNK_LOGIT_BYTES // (vocab * 4))
+
+    def _logps(self, inputs, reference: bool):
+        unwrapped, decoder, lm_head = self._parts()
+        kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        kwargs["use_cache"] = False
+        if not reference:
+            hidden = decoder(**kwargs).last_hidden_state
+            return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"], self._chunk_tokens())
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            ref = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
+            with use_adapter(unwrapped, adapter_name=ref) if is_peft_model(unwrapped) else nullcontext():
+                hidden = decoder(**kwargs).last_hidden_state
+            return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"], self._chunk_tokens())
+
+    def compute_ref_log_probs(self, model, inputs):
+        if not self._chunked:
+            return super().compute_ref_log_probs(model, inputs)
+        return self._logps(inputs, reference=True)[0].chunk(2, dim=0)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if not self._chunked or return_outputs or model is not self.accelerator.unwrap_model(model):
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        logps, stats, rows = self._logps(inputs, reference=False)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self._logps(inputs, reference=True)[0].chunk(2, dim=0)
+        chosen_ratio, rejected_ratio = chosen_logps - ref_chosen, rejected_logps - ref_rejected
+        delta = chosen_ratio - rejected_ratio
+
+        # TRL 1.9 DPOTrainer._compute_loss, for the loss types in CHUNKED_LOSSES
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sigmoid":
+                per_pair = -F.logsigmoid(self.beta * delta)
+            elif loss_type == "hinge":
+                per_pair = torch.relu(1 - self.beta * delta)
+            elif loss_type == "ipo":
+                chosen_mask, rejected_mask = inputs["completion_mask"].chunk(2, dim=0)
+                ipo = chosen_ratio / chosen_mask.sum(1).clamp(min=1.0) - rejected_ratio / rejected_mask.sum(1).clamp(min=1.0)
+                per_pair = (ipo - 1 / (2 * self.beta)) ** 2
+            else:  # robust
+                per_pair = (-(1 - self.label_smoothing) * F.logsigmoid(self.beta * delta)
+                            + self.label_smoothing * F.logsigmoid(-self.beta * delta)) / (1 - 2 * self.label_smoothing)
+            loss += per_pair.mean() * weight
+
+        self._log_metrics(mode, inputs, stats, rows, len(logps) // 2, chosen_logps, rejected_logps,
+                          self.beta * chosen_ratio.detach(), self.beta * rejected_ratio.detach())
+        return loss
+
+    def _log_metrics(self, mode, inputs, stats, rows, n_pairs, chosen_logps, rejected_logps, chosen_r, rejected_r):
+        def total(t):
+            return self.accelerator.gather_for_metrics(t).sum()
+
+        chosen = rows < n_pairs  # the batch is [chosen..., rejected...]
+        n_chosen, n_rejected = total(chosen.sum()), total((~chosen).sum())
+        metrics = self._metrics[mode]
+        metrics["entropy"].append((total(stats[1].sum()) / max(n_chosen + n_rejected, 1)).item())
+        if mode == "train":
+            self._total_train_tokens += total(inputs["attention_mask"].sum()).item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+        metrics["logits/chosen"].append((total(stats[0][chosen].sum()) / max(n_chosen, 1)).item())
+        metrics["logits/rejected"].append((total(stats[0][~chosen].sum()) / max(n_rejected, 1)).item())
+        metrics["mean_token_accuracy"].append((total(stats[2][chosen].sum()) / max(n_chosen, 1)).item())
+        metrics["rewards/chosen"].append(self.accelerator.gather(chosen_r).mean().item())
+        metrics["rewards/rejected"].append(self.accelerator.gather(rejected_r).mean().item())
+        metrics["rewards/accuracies"].append(self.accelerator.gather((chosen_r > rejected_r).float()).mean().item())
+        metrics["rewards/margins"].append(self.accelerator.gather(chosen_r - rejected_r).mean().item())
+        metrics["logps/chosen"].append(self.accelerator.gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(self.accelerator.gather(rejected_logps.detach()).mean().item())

@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
-# GPU host, NOT RUN YET: the next attempts at issue #8's targets 3 and 4 (see benchmarks/RESULTS.md).
-# Run from the repo root with .whl carried:  bash benchmarks/gpu/targets-next.sh   (about 8 minutes; results in $OUT)
+# GPU host, session 3 of issue #8 (targets 1, 3, 4; see benchmarks/RESULTS.md). Run from the repo root with .whl
+# carried (and .whl/deepspeed from benchmarks/gpu/deepspeed-wheels.sh for target 4); pick runs with ONLY="...":
+#   ONLY="t3-qwen7b-dpo-2048-loft t3-qwen7b-dpo-1024-loft-trainer" bash benchmarks/gpu/targets-next.sh
 # shellcheck source=benchmarks/gpu/lib.sh
 source benchmarks/gpu/lib.sh
 Q=recipes/qwen2.5-7b
 L=recipes/llama-3.1-8b
-LIGER=(--set "plugins=[axolotl.integrations.liger.LigerPlugin]" --set liger_rms_norm=true --set liger_rope=true
-       --set liger_glu_activation=true)
+LIGER=(--set "plugins=[axolotl.integrations.liger.LigerPlugin]" --set liger_rms_norm=true --set liger_rope=true)
 
-# Target 3: at 2,048 both runners overflowed 11 GiB by about one pair's logits. The precomputed-reference recipe
-# runs no reference pass during training (10.44 -> 8.56 GiB at 1,024); add Liger's fused DPO loss and offload the
-# policy's checkpointed layer inputs.
-bench t3-qwen7b-dpo-2048-precompute $Q/dpo-qlora-precompute-12gb.yaml --data full --warmup 2 --steps 3 \
-  --vs baseline --cap-gib 11 --set sequence_len=2048 --set gradient_accumulation_steps=2 "${LIGER[@]}" \
-  --set dpo_use_liger_kernel=true --set activation_offloading=true --set trainer_cls=training.dpo.LoftDPOTrainer
-# Target 3's speed half where both fit: the 12 GB recipe with Loft's DPO trainer (no gc.collect/empty_cache per
-# micro-batch, training/dpo.py) against TRL's DPOTrainer at 1,024.
+# Target 3: DPO at 2,048 tokens inside 11 GiB. Both runners overflowed 11 GiB in the loss (TRL: a pair's fp32
+# logits; Liger's fused DPO loss: still one pair per chunk). LoftDPOTrainer (training/dpo.py) runs the LM head on
+# completion tokens only, a few hundred at a time, and skips Axolotl's per-micro-batch gc/empty_cache. The
+# baseline runs uncapped (it needs ~17 GiB at 2,048): its speed is the bar.
+bench t3-qwen7b-dpo-2048-loft $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --steps 3 --vs baseline \
+  --cap-gib 11 --baseline-cap-gib 0 --set sequence_len=2048 --set gradient_accumulation_steps=2 "${LIGER[@]}" \
+  --set liger_glu_activation=true --set trainer_cls=training.dpo.LoftDPOTrainer
+# The 12 GB recipe at its own 1,024 with Loft's trainer, against TRL under the same 12 GiB cap.
 bench t3-qwen7b-dpo-1024-loft-trainer $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --steps 3 --vs baseline \
   --cap-gib 12 --set gradient_accumulation_steps=2 --set trainer_cls=training.dpo.LoftDPOTrainer
 
-# Target 4: 24,576 overflowed in one layer's MLP with offloading alone; tiled_mlp computes it in sequence shards.
+# Target 1 again, only to record Loft's peak memory (the first run lost it to Axolotl's counter resets).
+bench t1-qwen7b-qlora-cap12-peak $Q/qlora-sft-8gb.yaml --cap-gib 12 --only loft --warmup 2 --steps 3 \
+  --set sample_packing=true --set sequence_len=8192 --set gradient_accumulation_steps=1
+
+# Target 4: 24,576 overflowed in one layer's MLP with offloading alone; tiled_mlp computes the MLP in sequence
+# shards. Axolotl 0.19's tiled_mlp imports DeepSpeed's TiledMLP (installed here for these runs only); its default
+# shard count targets 32K tokens per shard (one shard at 24K: no tiling); the fused LoRA MLP kernel replaces each
+# MLP's forward per instance, hiding the class-level tiled forward; Liger's SwiGLU and tiled_mlp are refused together.
+if [[ -d .whl/deepspeed ]] && ! skip t4-llama8b-qlora-24k-tiled-cap12; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-ds .whl/deepspeed/*.whl
+fi
 LONG=(--cap-gib 12 --data full --warmup 1 --steps 2 "${LIGER[@]}" --set liger_fused_linear_cross_entropy=true
       --set sample_packing=true --set micro_batch_size=1 --set gradient_accumulation_steps=1 --set lora_dropout=0
-      --set activation_offloading=true --set tiled_mlp=true --set embeddings_skip_upcast=true)
-bench t4-llama8b-qlora-24k-tiled-cap12 $L/qlora-conservative-24gb.yaml "${LONG[@]}" --set sequence_len=24576
-bench t4-llama8b-qlora-32k-tiled-cap12 $L/qlora-conservative-24gb.yaml "${LONG[@]}" --set sequence_len=32768
+      --set activation_offloading=true --set embeddings_skip_upcast=true --set lora_mlp_kernel=false
+      --set tiled_mlp=true --set tiled_mlp_use_original_mlp=true --set tiled_mlp_num_shards=8)
+PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-24k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
+  "${LONG[@]}" --set sequence_len=24576
+PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-32k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
+  "${LONG[@]}" --set sequence_len=32768
