@@ -338,9 +338,15 @@ def test_architecture_lookup_by_name():
 def test_verdicts_and_the_cheapest_change_that_fits(tmp_path, data):
     qlora = dict(base_model=QWEN7, adapter="qlora", load_in_4bit=True, bf16=True, optimizer="paged_adamw_8bit",
                  sequence_len=1024, micro_batch_size=1, gradient_accumulation_steps=8, gradient_checkpointing=True,
-                 **LIGER)
+                 embeddings_skip_upcast=True, **LIGER)
     fits = doctor.diagnose(make(tmp_path, data, **qlora), "rtx5070-12gb", data=False)
     assert fits.memory["verdict"] == "fits" and 5.5 < fits.memory["allocated_gib"] < 7
+    assert fits.memory["loading_gib"] == 0
+    # without embeddings_skip_upcast the fp32 embeddings peak while loading, above training (the 8 GB recipe's
+    # first GPU run died there), and keeping them in bf16 is the cheapest fix
+    upcast = doctor.diagnose(make(tmp_path, data, **{**qlora, "embeddings_skip_upcast": False}), "8", data=False)
+    assert upcast.memory["allocated_gib"] == upcast.memory["loading_gib"] > 8 > fits.memory["allocated_gib"]
+    assert upcast.memory["cheapest_fit"]["overrides"] == {"embeddings_skip_upcast": True}
     # bf16 LoRA, micro-batch 4, no checkpointing: far too big for 12 GB; one change is not enough
     big = make(tmp_path, data, **{**qlora, "adapter": "lora", "load_in_4bit": False, "micro_batch_size": 4,
                                   "gradient_checkpointing": False})
@@ -356,6 +362,19 @@ def test_verdicts_and_the_cheapest_change_that_fits(tmp_path, data):
     assert report.memory["cheapest_fit"]["changes"] == ["enable gradient checkpointing (~20% slower)"]
     tight = doctor.diagnose(make(tmp_path, data, **qlora), "7", data=False)  # a custom size in GiB
     assert tight.memory["verdict"] == "tight" and any(f.code == "LOFT-M302" for f in tight.findings)
+
+
+def test_dpo_at_2048_on_12gb_needs_loft_dpo_trainer(tmp_path, data):
+    """TRL's full-vocabulary logits (policy and reference) do not fit 12 GB at 2,048 tokens; the chunked LM head of
+    training/dpo.py does (measured: 7.51 GiB training peak on the H100 at an 11 GiB cap, benchmarks/RESULTS.md)."""
+    dpo = dict(base_model=QWEN7, adapter="qlora", load_in_4bit=True, bf16=True, optimizer="paged_adamw_8bit",
+               rl="dpo", sequence_len=2048, micro_batch_size=1, gradient_checkpointing=True,
+               embeddings_skip_upcast=True)
+    report = doctor.diagnose(make(tmp_path, data, **dpo), "rtx5070-12gb", data=False)
+    assert report.memory["verdict"] == "does not fit"
+    assert report.memory["cheapest_fit"]["overrides"] == {"trainer_cls": "training.dpo.LoftDPOTrainer"}
+    chunked = memory.estimate_recipe({**dpo, "trainer_cls": "training.dpo.LoftDPOTrainer"})
+    assert chunked.allocated < 0.6 * report.memory["allocated_gib"]
 
 
 def test_unknown_profile_and_unknown_architecture(tmp_path, data):

@@ -66,8 +66,7 @@ def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: 
 
 class LoftDPOTrainer(AxolotlDPOTrainer):
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._chunked = self._can_chunk()
+        super().__init__(*args, **kwargs)  # with precompute_ref_log_probs, TRL runs compute_ref_log_probs in here
         if self.is_world_process_zero():
             how = (f"LM head in chunks of {self._chunk_tokens()} completion tokens" if self._chunked
                    else "TRL's log-probs (configuration not covered by the chunked path)")
@@ -83,6 +82,12 @@ class LoftDPOTrainer(AxolotlDPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         causal = unwrapped.base_model.model if is_peft_model(unwrapped) else unwrapped
         return unwrapped, causal.base_model, causal.get_output_embeddings()
+
+    @property
+    def _chunked(self) -> bool:
+        if "_chunk_ok" not in self.__dict__:
+            self.__dict__["_chunk_ok"] = self._can_chunk()
+        return self.__dict__["_chunk_ok"]
 
     def _can_chunk(self) -> bool:
         if self.use_liger_kernel or self._is_vlm or self.ld_alpha is not None or self.use_weighting:

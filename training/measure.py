@@ -159,12 +159,13 @@ def measure(recipe_path: Path, report, steps: int = 4) -> dict:
     if not mem:
         raise LoftError(f"the measurement run wrote no memory record ({health}); see {work / 'train.log'}")
     est = estimate_recipe(cfg, arch)
-    err = 100 * (est.allocated - mem["peak_allocated_gib"]) / mem["peak_allocated_gib"]
+    # the guard's peak is training's (from the trainer's start); loading's is estimated apart (est.loading)
+    err = 100 * (est.training - mem["peak_allocated_gib"]) / mem["peak_allocated_gib"]
     print(f"measured: peak allocated {mem['peak_allocated_gib']:.2f} GiB, reserved {mem['peak_reserved_gib']:.2f} GiB "
           f"({mem['device']}, {steps} steps)")
-    print(f"estimate: peak allocated {est.allocated:.2f} GiB → error {err:+.1f}%; needs {est.needed:.2f} GiB vs "
+    print(f"estimate: peak allocated {est.training:.2f} GiB → error {err:+.1f}%; needs {est.needed:.2f} GiB vs "
           f"{mem['peak_reserved_gib']:.2f} reserved + {CUDA_CONTEXT_GIB} CUDA context")
-    result = {"measured": mem, "estimate_allocated_gib": round(est.allocated, 3), "error_pct": round(err, 1),
+    result = {"measured": mem, "estimate_allocated_gib": round(est.training, 3), "error_pct": round(err, 1),
               "steps": steps, "recipe": str(recipe_path), "arch": model_name, "config": cfg}
     (work / "measure.json").write_text(json.dumps(result, indent=2))
     report.memory = {**(report.memory or {}), "measured": result}

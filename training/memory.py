@@ -44,6 +44,8 @@ LAYER_FACTOR = 1.4  # fitted: working set of the layer being recomputed, incl. i
 LOGIT_BYTES = 10.0  # fitted: per logit without a fused CE (bf16 logits + fp32 upcast + fp32 grad)
 REF_LOGIT_BYTES = 4.0  # fitted: DPO's reference log-probs pass keeps fp32 logits until the loss (0 if precomputed)
 FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy (grad of the input + chunks)
+DPO_CHUNK_BYTES = 256 * 2**20  # training.dpo.CHUNK_LOGIT_BYTES (not imported: this module stays torch-free)
+CHUNK_BUFFERS = 3  # fitted (2 runs, T3): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
 
 
@@ -171,6 +173,8 @@ class Setup:
     rl: str | None = None
     separate_reference: bool = False  # DPO/IPO without an adapter loads the model twice
     precompute_ref: bool = False  # reference log-probs computed once before training
+    chunked_logps: bool = False  # training.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
+    upcast_embeddings: bool = False  # k-bit loading casts embeddings/lm_head to fp32 (then back): a loading peak
     plugins: list[str] = field(default_factory=list)
 
     @classmethod
@@ -210,6 +214,11 @@ class Setup:
             rl=cfg.get("rl") if isinstance(cfg.get("rl"), str) else None,
             separate_reference=cfg.get("rl") in ("dpo", "ipo") and cfg.get("adapter") not in ("lora", "qlora"),
             precompute_ref=bool(cfg.get("precompute_ref_log_probs")),
+            chunked_logps=str(cfg.get("trainer_cls") or "").endswith("LoftDPOTrainer") and cfg.get("rl") in ("dpo", "ipo"),
+            # PEFT's prepare_model_for_kbit_training (Axolotl runs it for k-bit adapters) upcasts every unquantized
+            # weight to fp32; Axolotl converts them back, and skips the embeddings with embeddings_skip_upcast (4-bit)
+            upcast_embeddings=quant != "none" and cfg.get("adapter") in ("lora", "qlora")
+            and not (quant == "4bit" and _on(cfg.get("embeddings_skip_upcast"))),
             plugins=plugins,
         )
 
@@ -235,12 +244,18 @@ def optimizer_state_bytes(name: str) -> float:
 class Estimate:
     arch: Arch
     setup: Setup
-    parts: dict  # GiB by component, summing to `allocated`
+    parts: dict  # GiB by component of the training peak
     notes: list[str]
+    loading: float = 0.0  # GiB: the peak while the model loads, when it can exceed training's
+
+    @property
+    def training(self) -> float:
+        return sum(self.parts.values())
 
     @property
     def allocated(self) -> float:
-        return sum(self.parts.values())
+        """Peak of the whole process: training's, or loading's where that is higher."""
+        return max(self.training, self.loading)
 
     @property
     def needed(self) -> float:
@@ -252,7 +267,8 @@ class Estimate:
     def to_dict(self) -> dict:
         return {"model": self.arch.name, "arch_source": self.arch.source, "params_b": round(self.arch.params / 1e9, 3),
                 "parts_gib": {k: round(v, 3) for k, v in self.parts.items()},
-                "allocated_gib": round(self.allocated, 2), "needed_gib": round(self.needed, 2), "notes": self.notes}
+                "loading_gib": round(self.loading, 2), "allocated_gib": round(self.allocated, 2),
+                "needed_gib": round(self.needed, 2), "notes": self.notes}
 
 
 def estimate(arch: Arch, s: Setup) -> Estimate:
@@ -304,8 +320,11 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         act = tokens * (stored + LAYER_FACTOR * layer * 2)
     else:
         act = tokens * L * layer * 2
-    logits = tokens * h * FUSED_CE_BYTES if s.fused_ce else tokens * V * LOGIT_BYTES
-    if s.rl and not s.fused_ce and not s.precompute_ref:
+    if s.chunked_logps:  # hidden states gathered at completion tokens + one chunk's fp32 logits, log-softmax, grads
+        logits = tokens * h * FUSED_CE_BYTES + CHUNK_BUFFERS * DPO_CHUNK_BYTES
+    else:
+        logits = tokens * h * FUSED_CE_BYTES if s.fused_ce and not s.rl else tokens * V * LOGIT_BYTES
+    if s.rl and not (s.chunked_logps or s.precompute_ref):  # Liger's FLCE: DPO calls the model without labels
         logits += tokens * V * REF_LOGIT_BYTES
     workspace = WORKSPACE_GIB * GIB
 
@@ -315,7 +334,14 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         parts["reference model"] = weights
         notes.append("DPO without an adapter loads a second (reference) model: with `adapter: qlora` the policy "
                      "with its adapter disabled is the reference, and this line disappears")
-    return Estimate(arch, s, {k: v / GIB for k, v in parts.items()}, notes)
+    loading = 0.0
+    if s.upcast_embeddings:  # every embedding matrix in fp32 (2 B more each), the last one cast still in bf16 too
+        matrices = 1 if arch.tied else 2
+        loading = (weights + (2 * matrices + 2) * V * h) / GIB
+        if loading > sum(parts.values()) / GIB:  # measured 8.23 GiB for Qwen2.5-7B QLoRA (benchmarks/RESULTS.md, T3)
+            notes.append(f"loading peaks at {loading:.2f} GiB, above training: Axolotl upcasts the embeddings to "
+                         "fp32 while preparing the k-bit model; `embeddings_skip_upcast: true` avoids it (4-bit)")
+    return Estimate(arch, s, {k: v / GIB for k, v in parts.items()}, notes, loading)
 
 
 def estimate_recipe(cfg: dict, arch: Arch | None = None) -> Estimate | None:
@@ -353,7 +379,12 @@ def remedies(cfg: dict) -> list[tuple[str, dict]]:
     out = []
     if not s.checkpointing:
         out.append(("enable gradient checkpointing (~20% slower)", {"gradient_checkpointing": True}))
-    if not s.fused_ce:
+    if s.rl in ("dpo", "ipo") and not s.chunked_logps:
+        out.append(("Loft's DPO trainer: LM head in chunks over completion tokens, no full logits",
+                    {"trainer_cls": "training.dpo.LoftDPOTrainer"}))
+    if s.upcast_embeddings and s.quant == "4bit":
+        out.append(("keep the embeddings in bf16 while loading", {"embeddings_skip_upcast": True}))
+    if not s.fused_ce and not s.rl:
         out.append(("Liger kernels with fused linear cross-entropy (no full logits)", _liger(cfg)))
     if optimizer_state_bytes(s.optimizer) > 2:
         out.append(("paged 8-bit AdamW", {"optimizer": "paged_adamw_8bit"}))
@@ -443,8 +474,11 @@ def calibration_table() -> list[dict]:
         s = Setup.from_recipe(cfg)
         s.separate_reference = s.separate_reference or cfg.get("_separate_reference", False)  # TRL only
         est = estimate(find_arch(cfg["base_model"]), s)
-        rows.append({"run": label, "source": source, "estimate_gib": round(est.allocated, 2), "measured_gib": measured,
-                     "error_pct": round(100 * (est.allocated - measured) / measured, 1), "caveat": caveat})
+        # `loft bench speed` keeps the whole process's peak (loading included); Axolotl's logs and --measure
+        # report training's
+        value = est.allocated if source.startswith("bench speed") else est.training
+        rows.append({"run": label, "source": source, "estimate_gib": round(value, 2), "measured_gib": measured,
+                     "error_pct": round(100 * (value - measured) / measured, 1), "caveat": caveat})
     return rows
 
 
@@ -452,6 +486,8 @@ def format_estimate(est: Estimate, gpu: float | None = None, profile: str | None
     lines = [f"memory: {est.arch.name} ({est.arch.params / 1e9:.2f} B params, {est.arch.source})"]
     for name, gib in est.parts.items():
         lines.append(f"  {name:<36} {gib:6.2f} GiB")
+    if est.loading:
+        lines.append(f"  {'loading (fp32 embedding upcast)':<36} {est.loading:6.2f} GiB")
     lines.append(f"  {'peak allocated':<36} {est.allocated:6.2f} GiB")
     lines.append(f"  {'+ allocator slack + CUDA context':<36} {est.needed:6.2f} GiB needed")
     if gpu:

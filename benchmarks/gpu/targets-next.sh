@@ -19,6 +19,13 @@ bench t3-qwen7b-dpo-2048-loft $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --st
 bench t3-qwen7b-dpo-1024-loft-trainer $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --steps 3 --vs baseline \
   --cap-gib 12 --set gradient_accumulation_steps=2 --set trainer_cls=training.dpo.LoftDPOTrainer
 
+# The DPO recipes as written now (2,048 tokens, Liger layers, LoftDPOTrainer, embeddings_skip_upcast): the 12 GB
+# one under target 3's 11 GiB cap against TRL uncapped, 5 timed steps; the precompute one under its 12 GiB card.
+bench recipe-qwen7b-dpo-qlora-12gb $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --steps 5 --vs baseline \
+  --cap-gib 11 --baseline-cap-gib 0 --set gradient_accumulation_steps=2
+bench recipe-qwen7b-dpo-precompute-12gb $Q/dpo-qlora-precompute-12gb.yaml --data full --warmup 2 --steps 3 \
+  --cap-gib 12 --set gradient_accumulation_steps=2
+
 # Target 1 again, only to record Loft's peak memory (the first run lost it to Axolotl's counter resets).
 bench t1-qwen7b-qlora-cap12-peak $Q/qlora-sft-8gb.yaml --cap-gib 12 --only loft --warmup 2 --steps 3 \
   --set sample_packing=true --set sequence_len=8192 --set gradient_accumulation_steps=1
@@ -27,7 +34,7 @@ bench t1-qwen7b-qlora-cap12-peak $Q/qlora-sft-8gb.yaml --cap-gib 12 --only loft 
 # shards. Axolotl 0.19's tiled_mlp imports DeepSpeed's TiledMLP (installed here for these runs only); its default
 # shard count targets 32K tokens per shard (one shard at 24K: no tiling); the fused LoRA MLP kernel replaces each
 # MLP's forward per instance, hiding the class-level tiled forward; Liger's SwiGLU and tiled_mlp are refused together.
-if [[ -d .whl/deepspeed ]] && ! skip t4-llama8b-qlora-24k-tiled-cap12; then
+if [[ -d .whl/deepspeed && ! -d /tmp/site-ds ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-ds .whl/deepspeed/*.whl
 fi
 LONG=(--cap-gib 12 --data full --warmup 1 --steps 2 "${LIGER[@]}" --set liger_fused_linear_cross_entropy=true
@@ -38,3 +45,25 @@ PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-24k-tiled-cap12 $L/
   "${LONG[@]}" --set sequence_len=24576
 PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-32k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
   "${LONG[@]}" --set sequence_len=32768
+# With the MLP tiled, 24,576 and 32,768 ran out of memory in the attention backward instead (11.71 / 11.63 GiB
+# allocated): find the longest that fits, between the measured 16,384 (no offloading: 12.84 GiB) and 24,576.
+PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-20k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
+  "${LONG[@]}" --set sequence_len=20480
+PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-22k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
+  "${LONG[@]}" --set sequence_len=22528
+# 20,480 and 22,528 ran out of memory too, each at ~11.7 GiB: run without the cap to read what they need.
+PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-20k-tiled-nocap $L/qlora-conservative-24gb.yaml \
+  "${LONG[@]:2}" --set sequence_len=20480
+PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-24k-tiled-nocap $L/qlora-conservative-24gb.yaml \
+  "${LONG[@]:2}" --set sequence_len=24576
+# Uncapped, tiled + offloaded needed 16.44 GiB at 20,480 and 18.57 at 24,576: more than the 12.84 GiB the shared
+# README measured at 16,384 with neither. Which lever costs memory? 16,384 uncapped: neither, offloading, both.
+BASE16=(--data full --warmup 1 --steps 2 "${LIGER[@]}" --set liger_fused_linear_cross_entropy=true
+        --set liger_glu_activation=true --set sample_packing=true --set micro_batch_size=1
+        --set gradient_accumulation_steps=1 --set lora_dropout=0 --set embeddings_skip_upcast=true
+        --set sequence_len=16384)
+bench t4-llama8b-qlora-16k-plain $L/qlora-conservative-24gb.yaml "${BASE16[@]}"
+bench t4-llama8b-qlora-16k-offload $L/qlora-conservative-24gb.yaml "${BASE16[@]}" --set activation_offloading=true
+PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-16k-offload-tiled $L/qlora-conservative-24gb.yaml \
+  "${BASE16[@]}" --set liger_glu_activation=false --set activation_offloading=true --set lora_mlp_kernel=false \
+  --set tiled_mlp=true --set tiled_mlp_use_original_mlp=true --set tiled_mlp_num_shards=8
