@@ -37,33 +37,28 @@ bench t1-qwen7b-qlora-cap12-peak $Q/qlora-sft-8gb.yaml --cap-gib 12 --only loft 
 if [[ -d .whl/deepspeed && ! -d /tmp/site-ds ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-ds .whl/deepspeed/*.whl
 fi
-LONG=(--cap-gib 12 --data full --warmup 1 --steps 2 "${LIGER[@]}" --set liger_fused_linear_cross_entropy=true
-      --set sample_packing=true --set micro_batch_size=1 --set gradient_accumulation_steps=1 --set lora_dropout=0
-      --set activation_offloading=true --set embeddings_skip_upcast=true --set lora_mlp_kernel=false
-      --set tiled_mlp=true --set tiled_mlp_use_original_mlp=true --set tiled_mlp_num_shards=8)
-PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-24k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
-  "${LONG[@]}" --set sequence_len=24576
-PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-32k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
-  "${LONG[@]}" --set sequence_len=32768
+# long NAME SEQUENCE [options]: Llama-3.1-8B QLoRA on one packed full-length row, DeepSpeed on the path.
+COMMON=(--data full --warmup 1 --steps 2 "${LIGER[@]}" --set liger_fused_linear_cross_entropy=true
+        --set sample_packing=true --set micro_batch_size=1 --set gradient_accumulation_steps=1 --set lora_dropout=0
+        --set embeddings_skip_upcast=true)
+TILED=(--set activation_offloading=true --set lora_mlp_kernel=false --set tiled_mlp=true
+       --set tiled_mlp_use_original_mlp=true --set tiled_mlp_num_shards=8)
+long() {
+  local name="$1" seq="$2"; shift 2
+  PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench "$name" $L/qlora-conservative-24gb.yaml "${COMMON[@]}" \
+    --set sequence_len="$seq" "$@"
+}
+long t4-llama8b-qlora-24k-tiled-cap12 24576 "${TILED[@]}" --cap-gib 12
+long t4-llama8b-qlora-32k-tiled-cap12 32768 "${TILED[@]}" --cap-gib 12
 # With the MLP tiled, 24,576 and 32,768 ran out of memory in the attention backward instead (11.71 / 11.63 GiB
 # allocated): find the longest that fits, between the measured 16,384 (no offloading: 12.84 GiB) and 24,576.
-PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-20k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
-  "${LONG[@]}" --set sequence_len=20480
-PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-22k-tiled-cap12 $L/qlora-conservative-24gb.yaml \
-  "${LONG[@]}" --set sequence_len=22528
+long t4-llama8b-qlora-20k-tiled-cap12 20480 "${TILED[@]}" --cap-gib 12
+long t4-llama8b-qlora-22k-tiled-cap12 22528 "${TILED[@]}" --cap-gib 12
 # 20,480 and 22,528 ran out of memory too, each at ~11.7 GiB: run without the cap to read what they need.
-PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-20k-tiled-nocap $L/qlora-conservative-24gb.yaml \
-  "${LONG[@]:2}" --set sequence_len=20480
-PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-24k-tiled-nocap $L/qlora-conservative-24gb.yaml \
-  "${LONG[@]:2}" --set sequence_len=24576
+long t4-llama8b-qlora-20k-tiled-nocap 20480 "${TILED[@]}"
+long t4-llama8b-qlora-24k-tiled-nocap 24576 "${TILED[@]}"
 # Uncapped, tiled + offloaded needed 16.44 GiB at 20,480 and 18.57 at 24,576: more than the 12.84 GiB the shared
 # README measured at 16,384 with neither. Which lever costs memory? 16,384 uncapped: neither, offloading, both.
-BASE16=(--data full --warmup 1 --steps 2 "${LIGER[@]}" --set liger_fused_linear_cross_entropy=true
-        --set liger_glu_activation=true --set sample_packing=true --set micro_batch_size=1
-        --set gradient_accumulation_steps=1 --set lora_dropout=0 --set embeddings_skip_upcast=true
-        --set sequence_len=16384)
-bench t4-llama8b-qlora-16k-plain $L/qlora-conservative-24gb.yaml "${BASE16[@]}"
-bench t4-llama8b-qlora-16k-offload $L/qlora-conservative-24gb.yaml "${BASE16[@]}" --set activation_offloading=true
-PYTHONPATH="/tmp/site-ds:$PYTHONPATH" bench t4-llama8b-qlora-16k-offload-tiled $L/qlora-conservative-24gb.yaml \
-  "${BASE16[@]}" --set liger_glu_activation=false --set activation_offloading=true --set lora_mlp_kernel=false \
-  --set tiled_mlp=true --set tiled_mlp_use_original_mlp=true --set tiled_mlp_num_shards=8
+long t4-llama8b-qlora-16k-plain 16384 --set liger_glu_activation=true
+long t4-llama8b-qlora-16k-offload 16384 --set liger_glu_activation=true --set activation_offloading=true
+long t4-llama8b-qlora-16k-offload-tiled 16384 "${TILED[@]}"
