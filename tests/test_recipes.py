@@ -50,6 +50,7 @@ TARGET_GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_cap
 # One training run per family × method; the value says what the run covers beyond SFT LoRA basics.
 TRAINED = {
     "qwen2.5-7b/qlora-sft-8gb.yaml": "Qwen2 QLoRA SFT, chatml, seven projections, paged 8-bit AdamW",
+    "qwen2.5-7b/qlora-sft-12gb.yaml": "Qwen2 QLoRA SFT with sample packing",
     "qwen2.5-7b/dpo-qlora-12gb.yaml": "Qwen2 DPO, adapter-disabled reference, rewards logged",
     "qwen2.5-7b/dpo-qlora-precompute-12gb.yaml": "DPO, reference log-probs precomputed (run as LoRA)",
     "llama-3.1-8b/qlora-style-32gb.yaml": "Llama SFT, r64, embed_tokens + lm_head saved in full",

@@ -66,3 +66,10 @@ long t4-llama8b-qlora-16k-offload-tiled 16384 "${TILED[@]}"
 # off). The longest that fits 12 GiB, then, with offloading and the fused kernels: 16,384 and 18,432 under the cap.
 long t4-llama8b-qlora-16k-offload-cap12 16384 --set liger_glu_activation=true --set activation_offloading=true --cap-gib 12
 long t4-llama8b-qlora-18k-offload-cap12 18432 --set liger_glu_activation=true --set activation_offloading=true --cap-gib 12
+# Axolotl 0.19's activation_offloading: true is TRL's offloader, which *replaces* recomputation (HF checkpointing
+# is switched off: every activation goes to CPU, through streams that keep several resident). Its other modes:
+# "hidden_states" offloads only the checkpointed layer inputs and keeps recomputation (Unsloth-style), "legacy"
+# is the synchronous offloader.
+long t4-llama8b-qlora-24k-hidden-cap12 24576 --set liger_glu_activation=true --set activation_offloading=hidden_states --cap-gib 12
+long t4-llama8b-qlora-24k-legacy-cap12 24576 --set liger_glu_activation=true --set activation_offloading=legacy --cap-gib 12
+long t4-llama8b-qlora-20k-hidden-cap12 20480 --set liger_glu_activation=true --set activation_offloading=hidden_states --cap-gib 12
