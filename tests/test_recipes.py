@@ -57,6 +57,7 @@ TRAINED = {
     "llama-3.1-8b/lora-bf16-80gb.yaml": "Llama bf16 LoRA (run in fp32) with sample packing on SDPA",
     "llama-3.1-8b/lora-8bit-rslora-24gb.yaml": "LoRA on an LLM.int8 base, rsLoRA, six projections",
     "llama-3.1-8b/qlora-conservative-24gb.yaml": "Llama QLoRA SFT, seven projections, warmup_steps",
+    "llama-3.1-8b/qlora-long-12gb.yaml": "Llama QLoRA SFT, packing, activation_offloading: hidden_states",
 }
 # Recipes whose CPU run would repeat a trained one: same family, method and adapter, other schedule.
 SAME_RUN = {

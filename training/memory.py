@@ -44,7 +44,11 @@ LAYER_FACTOR = 1.4  # fitted: working set of the layer being recomputed, incl. i
 LOGIT_BYTES = 10.0  # fitted: per logit without a fused CE (bf16 logits + fp32 upcast + fp32 grad)
 REF_LOGIT_BYTES = 4.0  # fitted: DPO's reference log-probs pass keeps fp32 logits until the loss (0 if precomputed)
 FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy (grad of the input + chunks)
-OFFLOADED = 0.35  # fitted (Llama-3.1-8B QLoRA at 16,384, T4): share of checkpointed inputs activation_offloading frees
+# Share of the checkpointed layer inputs each Axolotl 0.19 `activation_offloading` mode takes off the GPU. true/disk:
+# TRL's stream offloader (it replaces recomputation and keeps several tensors resident), fitted at 16,384 tokens;
+# hidden_states: the checkpointed inputs themselves (recomputation kept; +4.5/+5.0% at 20K/24K); legacy (synchronous)
+# offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B, T4.
+OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
 DPO_CHUNK_BYTES = 256 * 2**20  # training.dpo.CHUNK_LOGIT_BYTES (not imported: this module stays torch-free)
 CHUNK_BUFFERS = 3  # fitted (2 runs, T3): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
@@ -168,7 +172,7 @@ class Setup:
     seq: int = 2048
     micro_batch: int = 1
     checkpointing: bool = False
-    offload: bool = False
+    offload: float = 0.0  # share of the checkpointed layer inputs moved to CPU
     fused_ce: bool = False
     liger_layers: bool = False
     rl: str | None = None
@@ -209,7 +213,7 @@ class Setup:
             seq=int(num("sequence_len", 2048)),
             micro_batch=int(num("micro_batch_size", 1)),
             checkpointing=bool(gc) and gc not in ("false", "False"),
-            offload=gc in ("offload", "offload_disk") or bool(cfg.get("activation_offloading")),
+            offload=offloaded_share(cfg.get("activation_offloading"), gc),
             fused_ce=(liger and bool(cfg.get("liger_fused_linear_cross_entropy"))) or cce,
             liger_layers=liger and bool(cfg.get("liger_rms_norm") or cfg.get("liger_glu_activation")),
             rl=cfg.get("rl") if isinstance(cfg.get("rl"), str) else None,
@@ -222,6 +226,12 @@ class Setup:
             and not (quant == "4bit" and _on(cfg.get("embeddings_skip_upcast"))),
             plugins=plugins,
         )
+
+
+def offloaded_share(mode, gradient_checkpointing) -> float:
+    if gradient_checkpointing in ("offload", "offload_disk"):  # Axolotl maps these to activation_offloading
+        mode = True if gradient_checkpointing == "offload" else "disk"
+    return OFFLOADED.get(mode, 0.35 if mode else 0.0) if isinstance(mode, (bool, str)) else 0.0
 
 
 def optimizer_state_bytes(name: str) -> float:
@@ -317,7 +327,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     if s.liger_layers:
         layer -= 3 * h + i  # fused SwiGLU keeps no silu(gate); fused RMSNorm no fp32 copies (fitted on the host)
     if s.checkpointing:
-        stored = L * h * 2 * (1 - OFFLOADED if s.offload else 1)
+        stored = L * h * 2 * (1 - s.offload)
         act = tokens * (stored + LAYER_FACTOR * layer * 2)
     else:
         act = tokens * L * layer * 2
@@ -387,6 +397,9 @@ def remedies(cfg: dict) -> list[tuple[str, dict]]:
         out.append(("keep the embeddings in bf16 while loading", {"embeddings_skip_upcast": True}))
     if not s.fused_ce and not s.rl:
         out.append(("Liger kernels with fused linear cross-entropy (no full logits)", _liger(cfg)))
+    if s.checkpointing and s.offload < 1:
+        out.append(("offload the checkpointed layer inputs to CPU RAM (slower: copies each layer's input)",
+                    {"activation_offloading": "hidden_states"}))
     if optimizer_state_bytes(s.optimizer) > 2:
         out.append(("paged 8-bit AdamW", {"optimizer": "paged_adamw_8bit"}))
     mb, ga = s.micro_batch, cfg.get("gradient_accumulation_steps") or 1
@@ -451,7 +464,9 @@ RESULTS = REPO / "benchmarks" / "results"
 # `loft bench speed` runs besides the recipe-* ones whose config the current recipes + their overrides still
 # reproduce (runs of a recipe that changed since, and tiled_mlp runs, which the estimator does not model, are left out)
 SPEED_RUNS = {"t1-qwen7b-qlora-cap12-peak", "t2-llama8b-lora-bf16-nogc", "t4-llama8b-qlora-16k-plain",
-              "t4-llama8b-qlora-16k-offload", "t4-llama8b-qlora-16k-offload-cap12", "t4-llama8b-qlora-18k-offload-cap12"}
+              "t4-llama8b-qlora-16k-offload", "t4-llama8b-qlora-16k-offload-cap12", "t4-llama8b-qlora-18k-offload-cap12",
+              "t4-llama8b-qlora-20k-hidden-cap12", "t4-llama8b-qlora-24k-hidden-cap12",
+              "t4-llama8b-qlora-32k-hidden-cap12"}
 
 
 def calibration_points() -> list[tuple[str, str, dict, float, str]]:
