@@ -92,6 +92,8 @@ class LoftDPOTrainer(AxolotlDPOTrainer):
     def _can_chunk(self) -> bool:
         if self.use_liger_kernel or self._is_vlm or self.ld_alpha is not None or self.use_weighting:
             return False
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            return False  # sharded lm_head / wrapped forward: TRL's path handles those
         if self.aux_loss_enabled or str(self.f_divergence_type).split(".")[-1].lower() != "reverse_kl":
             return False
         if not set(self.loss_types) <= CHUNKED_LOSSES or (self.ref_model is not None and not self.precompute_ref_logps):
