@@ -76,3 +76,14 @@ long t4-llama8b-qlora-20k-hidden-cap12 20480 --set liger_glu_activation=true --s
 # hidden_states fitted 24,576 in 9.93 GiB at 5,241 tok/s (legacy: 9.14 GiB at half the speed): try 32,768.
 long t4-llama8b-qlora-32k-hidden-cap12 32768 --set liger_glu_activation=true --set activation_offloading=hidden_states --cap-gib 12
 long t4-llama8b-qlora-32k-legacy-cap12 32768 --set liger_glu_activation=true --set activation_offloading=legacy --cap-gib 12
+
+# NOT RUN YET (no device time left in session 3): the TRL baselines that make targets 2 and 4 same-run comparisons.
+# Target 2: the bf16 recipe (target 2's settings) against TRL SFTTrainer + PEFT bf16 LoRA at the same tokens per step.
+bench t2-llama8b-lora-bf16-vs-baseline $L/lora-bf16-80gb.yaml --vs baseline --warmup 2 --steps 4 \
+  --set gradient_accumulation_steps=1
+# Target 4: the long recipe against the baseline (TRL SFTTrainer, checkpointing, no Liger, no offloading) under the
+# same 12 GiB cap, at lengths where the baseline may still fit.
+for n in 4096 8192 16384; do
+  bench "t4-llama8b-long-vs-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --vs baseline \
+    --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
+done
