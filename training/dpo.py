@@ -19,7 +19,8 @@ other than reverse KL, a separate reference model, a LoRA on lm_head, vision mod
 go through TRL's code unchanged.
 """
 
-from contextlib import nullcontext
+from contextlib import ExitStack
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-CHUNK_LOGIT_BYTES = 256 * 2**20  # fp32 logits of one chunk; about 4 such buffers are alive while it runs
+from training.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES  # fp32 logits of one chunk (the estimator's too)
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 
 
@@ -83,13 +84,8 @@ class LoftDPOTrainer(AxolotlDPOTrainer):
         causal = unwrapped.base_model.model if is_peft_model(unwrapped) else unwrapped
         return unwrapped, causal.base_model, causal.get_output_embeddings()
 
-    @property
-    def _chunked(self) -> bool:
-        if "_chunk_ok" not in self.__dict__:
-            self.__dict__["_chunk_ok"] = self._can_chunk()
-        return self.__dict__["_chunk_ok"]
-
-    def _can_chunk(self) -> bool:
+    @cached_property
+    def _chunked(self) -> bool:  # first read may come from TRL's __init__ (precompute), so not set in ours
         if self.use_liger_kernel or self._is_vlm or self.ld_alpha is not None or self.use_weighting:
             return False
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
@@ -111,13 +107,14 @@ class LoftDPOTrainer(AxolotlDPOTrainer):
         unwrapped, decoder, lm_head = self._parts()
         kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
         kwargs["use_cache"] = False
-        if not reference:
+        with ExitStack() as stack:
+            if reference:  # no graph, and the adapter disabled (or the frozen "ref" adapter) for the whole pass
+                ref = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
+                if is_peft_model(unwrapped):
+                    stack.enter_context(use_adapter(unwrapped, adapter_name=ref))
             hidden = decoder(**kwargs).last_hidden_state
-            return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"], self._chunk_tokens())
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            ref = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
-            with use_adapter(unwrapped, adapter_name=ref) if is_peft_model(unwrapped) else nullcontext():
-                hidden = decoder(**kwargs).last_hidden_state
             return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"], self._chunk_tokens())
 
     def compute_ref_log_probs(self, model, inputs):

@@ -49,7 +49,7 @@ FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy 
 # hidden_states: the checkpointed inputs themselves (recomputation kept; +4.5/+5.0% at 20K/24K); legacy (synchronous)
 # offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B, T4.
 OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
-DPO_CHUNK_BYTES = 256 * 2**20  # training.dpo.CHUNK_LOGIT_BYTES (not imported: this module stays torch-free)
+DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.dpo (which imports it from here)
 CHUNK_BUFFERS = 3  # fitted (2 runs, T3): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
 
@@ -231,7 +231,9 @@ class Setup:
 def offloaded_share(mode, gradient_checkpointing) -> float:
     if gradient_checkpointing in ("offload", "offload_disk"):  # Axolotl maps these to activation_offloading
         mode = True if gradient_checkpointing == "offload" else "disk"
-    return OFFLOADED.get(mode, 0.35 if mode else 0.0) if isinstance(mode, (bool, str)) else 0.0
+    if not isinstance(mode, (bool, str)) or not mode:
+        return 0.0
+    return OFFLOADED.get(mode, OFFLOADED[True])
 
 
 def optimizer_state_bytes(name: str) -> float:
