@@ -337,6 +337,9 @@ def run(args) -> int:
         raise LoftError("--steps must be at least 1 and --warmup at least 0")
     if args.only and args.vs:
         raise LoftError("--only runs one runner; drop it to compare with --vs baseline")
+    if (args.cap_gib is not None and args.cap_gib <= 0) or (args.baseline_cap_gib or 0) < 0:
+        raise LoftError("--cap-gib must be a positive number of GiB (e.g. 12); --baseline-cap-gib 0 lifts the "
+                        "baseline's cap, and no cap is below 0")
     cfg = recipes.apply_overrides(recipes.load(args.recipe), args.overrides)
     if "sequence_len" not in cfg:
         raise LoftError(f"{args.recipe} sets no sequence_len; the benchmark needs one")

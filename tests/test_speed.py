@@ -206,6 +206,19 @@ def test_baseline_cap_follows_cap_gib_unless_told():
     assert "--cap-gib" not in cmd
 
 
+@pytest.mark.parametrize("caps", [(0, None), (-4, None), (12, -1)])
+def test_impossible_caps_are_one_clear_error(caps):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    speed.add_arguments(parser)
+    argv = ["recipes/qwen2.5-7b/qlora-sft-8gb.yaml", "--cap-gib", str(caps[0])]
+    if caps[1] is not None:
+        argv += ["--baseline-cap-gib", str(caps[1])]
+    with pytest.raises(LoftError, match="positive number of GiB"):
+        speed.run(parser.parse_args(argv))
+
+
 def test_resolve_arch_from_base_model_names():
     assert speed.resolve_arch("Qwen/Qwen2.5-7B-Instruct")[0] == "Qwen2.5-7B-Instruct"
     assert speed.resolve_arch("meta-llama/Meta-Llama-3.1-8B-Instruct")[0] == "Llama-3.1-8B-Instruct"
