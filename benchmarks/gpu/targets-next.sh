@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU host, session 3 of issue #8 (targets 1, 3, 4; see benchmarks/RESULTS.md). Run from the repo root with .whl
+# GPU host, sessions 3-4 of issue #8 (targets 1-4; see benchmarks/RESULTS.md). Run from the repo root with .whl
 # carried (and .whl/deepspeed from benchmarks/gpu/deepspeed-wheels.sh for target 4); pick runs with ONLY="...":
 #   ONLY="t3-qwen7b-dpo-2048-loft t3-qwen7b-dpo-1024-loft-trainer" bash benchmarks/gpu/targets-next.sh
 # shellcheck source=benchmarks/gpu/lib.sh
@@ -77,13 +77,35 @@ long t4-llama8b-qlora-20k-hidden-cap12 20480 --set liger_glu_activation=true --s
 long t4-llama8b-qlora-32k-hidden-cap12 32768 --set liger_glu_activation=true --set activation_offloading=hidden_states --cap-gib 12
 long t4-llama8b-qlora-32k-legacy-cap12 32768 --set liger_glu_activation=true --set activation_offloading=legacy --cap-gib 12
 
-# NOT RUN YET (no device time left in session 3): the TRL baselines that make targets 2 and 4 same-run comparisons.
+# Session 4 (one host call per ONLY= group, recorded in host_call): the TRL baselines that make targets 2 and 4
+# same-run comparisons, then targets 1 and 2 on full-length rows. Results: benchmarks/RESULTS.md.
 # Target 2: the bf16 recipe (target 2's settings) against TRL SFTTrainer + PEFT bf16 LoRA at the same tokens per step.
 bench t2-llama8b-lora-bf16-vs-baseline $L/lora-bf16-80gb.yaml --vs baseline --warmup 2 --steps 4 \
   --set gradient_accumulation_steps=1
-# Target 4: the long recipe against the baseline (TRL SFTTrainer, checkpointing, no Liger, no offloading) under the
-# same 12 GiB cap, at lengths where the baseline may still fit.
-for n in 4096 8192 16384; do
+# Target 4: the long recipe as written (24,576) against the baseline (TRL SFTTrainer, checkpointing, no Liger, no
+# offloading) under the same 12 GiB cap, and at lengths both fit; then the baseline alone, for its own longest.
+for n in 24576 4096 2048; do
   bench "t4-llama8b-long-vs-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --vs baseline \
     --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
 done
+for n in 8192 1024; do
+  bench "t4-llama8b-long-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --only baseline \
+    --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
+done
+# The baseline fitted 8,192 (10.75 / 12.00 GiB) and not 24,576: where between them does it stop?
+for n in 16384 12288 10240; do
+  bench "t4-llama8b-long-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --only baseline \
+    --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
+done
+# Target 2 on full-length rows: with 188-token Shakespeare rows most of the 13× above is packing (the baseline runs
+# 22 micro-batches of 2 short rows per step); with every row 4,096 tokens both runners see the same batches.
+bench t2-llama8b-lora-bf16-full-vs-baseline $L/lora-bf16-80gb.yaml --data full --vs baseline --warmup 2 --steps 4 \
+  --set gradient_accumulation_steps=1
+# Target 1 on full-length rows: the 27.5× of targets.sh is mostly packing (43 short rows per step for the baseline). With
+# every row 8,192 tokens both runners see the same batches; if the baseline does not fit 12 GiB, time it uncapped.
+bench t1-qwen7b-qlora-12gb-full-vs-baseline $Q/qlora-sft-12gb.yaml --data full --vs baseline --warmup 2 --steps 3 \
+  --cap-gib 12 --set gradient_accumulation_steps=1
+if [[ $(field t1-qwen7b-qlora-12gb-full-vs-baseline baseline status) == does_not_fit ]]; then
+  bench t1-qwen7b-qlora-12gb-full-baseline-nocap $Q/qlora-sft-12gb.yaml --data full --only baseline --warmup 2 \
+    --steps 3 --set gradient_accumulation_steps=1
+fi
