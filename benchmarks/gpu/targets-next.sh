@@ -84,7 +84,8 @@ bench t2-llama8b-lora-bf16-vs-baseline $L/lora-bf16-80gb.yaml --vs baseline --wa
   --set gradient_accumulation_steps=1
 # Target 4: the long recipe as written (24,576) against the baseline (TRL SFTTrainer, checkpointing, no Liger, no
 # offloading) under the same 12 GiB cap, and at lengths both fit; then the baseline alone, for its own longest.
-for n in 24576 4096 2048; do
+# (32768 and 10240, the two runners' longest, were a later call of the same session.)
+for n in 24576 4096 2048 32768 10240; do
   bench "t4-llama8b-long-vs-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --vs baseline \
     --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
 done
