@@ -235,3 +235,53 @@ def test_report_line_and_ratios():
     assert r["tokens_per_s"] == 27.53 and r["tokens_per_step"] == 1.01
     assert "8,590 tok/s" in speed.line(loft) and "MFU 39.7%" in speed.line(loft)
     assert speed.ratios(loft, {"status": "does_not_fit"}) is None
+
+
+# ---------------------------------------------------------------- figures from a committed results file
+def _run(seq, loft=None, baseline=None, cap=12.0):
+    runners = {}
+    for name, result in (("loft", loft), ("baseline", baseline)):
+        if result:
+            runners[name] = dict(zip(("status", "peak_reserved_gib", "tokens_per_s"), result))
+    both = loft and baseline and loft[0] == baseline[0] == "ok"
+    return {"data": {"sequence_len": seq}, "cap_gib": cap, "runners": runners,
+            "ratios": {"tokens_per_s": round(loft[2] / baseline[2], 2)} if both else None}
+
+
+def test_speed_figures_pick_pairs_and_the_longest_that_fits(tmp_path, capsys):
+    from benchmarks import speed_figures
+
+    runs = {"t4-llama8b-long-vs-baseline-2048": _run(2048, ("ok", 6.3, 4000.0), ("ok", 9.3, 3000.0)),
+            "t4-llama8b-long-baseline-8192": _run(8192, None, ("ok", 11.9, 5000.0)),
+            "t4-llama8b-long-vs-baseline-16384": _run(16384, ("ok", 9.0, 6000.0), ("does_not_fit", None, None)),
+            "t4-llama8b-long-baseline-8192-again": _run(8192, None, ("does_not_fit", None, None)),
+            "superseded-recipe-x": _run(1024, ("ok", 5.0, 200.0), ("ok", 6.0, 100.0)),
+            "t1-other": _run(1024, ("ok", 5.0, 300.0), ("ok", 6.0, 100.0), cap=None)}
+    assert speed_figures.ratios(runs) == [("t4-llama8b-long-vs-baseline-2048", 1.33), ("t1-other", 3.0)]
+    points = speed_figures.sweep(runs)
+    assert sorted(points["baseline"]) == [2048, 8192, 16384]
+    assert points["baseline"][8192]["status"] == "does_not_fit"  # the later run of a length wins
+    assert speed_figures.longest_fitting(points["baseline"]) == 2048
+    assert speed_figures.longest_fitting(points["loft"]) == 16384
+
+    path = tmp_path / "speed-x.json"
+    path.write_text(json.dumps({"runs": runs}))
+    assert speed_figures.main([str(path), "--out", str(tmp_path / "fig")]) == 0
+    for png in ("speed-x-ratios.png", "speed-x-sweep.png"):
+        assert (tmp_path / "fig" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "{'loft': 16384, 'baseline': 2048}" in capsys.readouterr().out
+    with pytest.raises(LoftError, match="no runs named nothing-"):
+        speed_figures.main([str(path), "--out", str(tmp_path / "fig"), "--sweep", "nothing-"])
+    path.write_text("{not json")
+    with pytest.raises(LoftError, match="is not a `loft bench speed` results file"):
+        speed_figures.main([str(path), "--out", str(tmp_path / "fig")])
+
+
+def test_results_md_states_the_longest_sequences_the_raw_json_holds():
+    from benchmarks import speed_figures
+
+    runs = speed_figures.load_runs(REPO / "benchmarks" / "results" / "speed-2026-11-22.json")
+    longest = {r: speed_figures.longest_fitting(p) for r, p in speed_figures.sweep(runs).items()}
+    text = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    assert f"Loft {longest['loft']:,}" in text and f"the baseline {longest['baseline']:,}" in text
+    assert "results/speed-2026-11-22-sweep.png" in text or "figures/speed-2026-11-22-sweep.png" in text
