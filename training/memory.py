@@ -472,7 +472,7 @@ SPEED_RUNS = {"t1-qwen7b-qlora-cap12-peak", "t2-llama8b-lora-bf16-nogc", "t4-lla
               "t2-llama8b-lora-bf16-full-vs-baseline", "t4-llama8b-long-vs-baseline-24576",
               "t4-llama8b-long-vs-baseline-4096", "t4-llama8b-long-vs-baseline-2048",
               "t1-qwen7b-qlora-12gb-full-vs-baseline", "t4-llama8b-long-vs-baseline-32768",
-              "t4-llama8b-long-vs-baseline-10240"}
+              "t4-llama8b-long-vs-baseline-10240", "t1-qwen7b-qlora-12gb-vs-baseline"}
 
 
 def calibration_points() -> list[tuple[str, str, dict, float, str]]:
