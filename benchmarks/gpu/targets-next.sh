@@ -84,26 +84,23 @@ bench t2-llama8b-lora-bf16-vs-baseline $L/lora-bf16-80gb.yaml --vs baseline --wa
   --set gradient_accumulation_steps=1
 # Target 4: the long recipe as written (24,576) against the baseline (TRL SFTTrainer, checkpointing, no Liger, no
 # offloading) under the same 12 GiB cap, and at lengths both fit; then the baseline alone, for its own longest.
+# sweep NAME N [--vs baseline | --only baseline]: the long recipe at N tokens, one full document per step, 12 GiB.
+sweep() {
+  local name="$1" n="$2"; shift 2
+  bench "$name" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 "$@" --cap-gib 12 --set sequence_len="$n" \
+    --set gradient_accumulation_steps=1
+}
 # (32768 and 10240, the two runners' longest, were a later call of the same session.)
-for n in 24576 4096 2048 32768 10240; do
-  bench "t4-llama8b-long-vs-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --vs baseline \
-    --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
-done
-for n in 8192 1024; do
-  bench "t4-llama8b-long-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --only baseline \
-    --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
-done
-# The baseline fitted 8,192 (10.75 / 12.00 GiB) and not 24,576: where between them does it stop?
-for n in 16384 12288 10240; do
-  bench "t4-llama8b-long-baseline-$n" $L/qlora-long-12gb.yaml --data full --warmup 1 --steps 2 --only baseline \
-    --cap-gib 12 --set sequence_len=$n --set gradient_accumulation_steps=1
-done
+for n in 24576 4096 2048 32768 10240; do sweep "t4-llama8b-long-vs-baseline-$n" $n --vs baseline; done
+# The baseline fitted 8,192 (10.75 / 12.00 GiB) and not 24,576; 16384 12288 10240 asked where between them it stops.
+for n in 8192 1024 16384 12288 10240; do sweep "t4-llama8b-long-baseline-$n" $n --only baseline; done
 # Target 2 on full-length rows: with 188-token Shakespeare rows most of the 13× above is packing (the baseline runs
 # 22 micro-batches of 2 short rows per step); with every row 4,096 tokens both runners see the same batches.
 bench t2-llama8b-lora-bf16-full-vs-baseline $L/lora-bf16-80gb.yaml --data full --vs baseline --warmup 2 --steps 4 \
   --set gradient_accumulation_steps=1
-# Target 1 on full-length rows: the 27.5× of targets.sh is mostly packing (43 short rows per step for the baseline). With
-# every row 8,192 tokens both runners see the same batches; if the baseline does not fit 12 GiB, time it uncapped.
+# Target 1 on full-length rows: the 27.5× of gpu/qwen.sh is mostly packing (43 short rows per step for the
+# baseline). With every row 8,192 tokens both runners see the same batches; if the baseline does not fit 12 GiB,
+# time it uncapped.
 bench t1-qwen7b-qlora-12gb-full-vs-baseline $Q/qlora-sft-12gb.yaml --data full --vs baseline --warmup 2 --steps 3 \
   --cap-gib 12 --set gradient_accumulation_steps=1
 if [[ $(field t1-qwen7b-qlora-12gb-full-vs-baseline baseline status) == does_not_fit ]]; then
