@@ -86,6 +86,10 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 vpy="$VENV/bin/python"
+# DeepSpeed is on PyPI as an sdist only. With DS_BUILD_OPS=0 it builds as pure Python on any host, GPU or not; its
+# C++/CUDA ops compile on first use instead (`setup/verify` says whether they can), and ZeRO with torch's own
+# optimizers needs none of them.
+export DS_BUILD_OPS=0
 src=()
 [[ -n $WHEELHOUSE ]] && src=(--no-index --find-links "$WHEELHOUSE")
 

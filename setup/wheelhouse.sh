@@ -84,7 +84,7 @@ mkdir -p "$DEST"
 pip=("$PY" -m pip)
 "${pip[@]}" download -q --no-deps "${target[@]}" -d "$DEST" -r "$work/wheels.txt"
 if [[ -s $work/sdists.txt ]]; then
-  "${pip[@]}" wheel -q --no-deps -w "$work/built" -r "$work/sdists.txt"
+  DS_BUILD_OPS=0 "${pip[@]}" wheel -q --no-deps -w "$work/built" -r "$work/sdists.txt"  # DeepSpeed: pure Python
   for whl in "$work"/built/*.whl; do
     [[ $whl == *-py3-none-any.whl || $whl == *-py2.py3-none-any.whl ]] \
       || { echo "wheelhouse.sh: $(basename "$whl") is not pure Python: build it on the target instead" >&2; exit 1; }
