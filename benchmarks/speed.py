@@ -34,6 +34,7 @@ from pathlib import Path
 from training import recipe as recipes
 from training import train as trainer
 from training.errors import LoftError
+from training.launcher import Topology
 from training.measure import DROP, PAD_ID, WORDS, random_model, word_tokenizer
 from training.memory import normalize
 from training.paths import REPO, RUNS
@@ -178,16 +179,26 @@ def bench_config(cfg: dict, model_dir: Path, tokenizer: Path, data: Path, total_
     return out
 
 
+def rank_files(path: Path) -> list[Path]:
+    """The other ranks' records beside rank 0's (speed.rank1.json, …; benchmarks/speed_probe.py writes them)."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"), key=lambda p: int(p.stem.split("rank")[-1]))
+
+
 def read_result(path: Path, log: Path, runner: str) -> dict:
     if path.exists():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        others = [json.loads(p.read_text()) for p in rank_files(path)]
+        if others:  # one record per rank: summarize() adds their tokens and keeps every rank's peak
+            result["other_ranks"] = others
+        return result
     return {"runner": runner, "status": "error", "error": f"no measurement written; see {log}"}
 
 
-def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
+def run_loft(recipe: Path, cfg: dict, work: Path, env: dict, gpus: int = 1) -> dict:
     run_dir = work / "loft"
     out = run_dir / "speed.json"
-    out.unlink(missing_ok=True)
+    for stale in [out, *rank_files(out)]:
+        stale.unlink(missing_ok=True)
     cfg = dict(cfg, output_dir=str(run_dir / "adapter"), dataset_prepared_path=str(run_dir / "prepared"))
     resolved = recipes.write(cfg, run_dir, recipe)
     print(f"loft bench speed: loft (Axolotl) -> {run_dir / 'train.log'}", flush=True)
@@ -195,7 +206,7 @@ def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
     os.environ.update(env)
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Axolotl's output: train.log
-            trainer.launch(resolved, run_dir / "train.log")
+            trainer.launch(resolved, run_dir / "train.log", Topology(gpus=gpus))
     except LoftError:
         pass  # an out-of-memory crash left a "does_not_fit" record; anything else is reported as an error
     finally:
@@ -245,12 +256,27 @@ def run_baseline(cmd: list[str], work: Path) -> dict:
 
 # ---------------------------------------------------------------- report
 def summarize(result: dict, params: int, warmup: int, steps: int, peak_override: float | None) -> dict:
-    if result.get("status") != "ok":
-        return result
+    others = result.pop("other_ranks", [])
+    failed = [r for r in others if r.get("status") != "ok"]
+    if result.get("status") != "ok" or failed:
+        return result if result.get("status") != "ok" else {**failed[0], "runner": result["runner"]}
     summary = dict(result, **throughput(result.pop("marks"), warmup, steps))
+    gpus = 1 + len(others)
+    if others:  # data parallel: each rank trains its own tokens in the same wall-clock window (rank 0's clock)
+        extra = sum(throughput(r["marks"], warmup, steps)["tokens"] for r in others)
+        summary["tokens"] += extra
+        summary["tokens_per_s"] = round(summary["tokens"] / summary["seconds"], 1)
+        summary["tokens_per_step"] = round(summary["tokens"] / steps)
+        summary["per_gpu"] = [{k: r.get(k) for k in ("rank", "peak_allocated_gib", "peak_reserved_gib",
+                                                       "train_peak_allocated_gib", "train_peak_reserved_gib")}
+                              for r in [result, *others]]
+        for key in ("peak_allocated_gib", "peak_reserved_gib", "train_peak_allocated_gib", "train_peak_reserved_gib"):
+            values = [r[key] for r in summary["per_gpu"] if r.get(key) is not None]
+            summary[key] = max(values) if values else None  # the busiest GPU decides what card is needed
+    summary["gpus"] = gpus
     peak = peak_override or peak_tflops(summary["device"])
     summary["peak_tflops"] = peak
-    summary["mfu"] = round(mfu(params, summary["tokens_per_s"], peak), 4) if peak else None
+    summary["mfu"] = round(mfu(params, summary["tokens_per_s"], peak * gpus), 4) if peak else None
     summary["fits_cap"] = fits(summary.get("peak_reserved_gib"), summary.get("cap_gib"))
     return summary
 
@@ -261,13 +287,14 @@ def invocation() -> str:
     return " ".join(["loft bench speed"] + [shlex.quote(a) for a in argv])
 
 
-def estimated_gib(cfg: dict) -> float | None:
-    """training/memory.py's estimate of peak allocated GiB for this exact config, to calibrate it against."""
+def estimated_gib(cfg: dict, gpus: int = 1) -> float | None:
+    """training/memory.py's estimate of peak allocated GiB (per GPU) for this exact config, to calibrate it against;
+    the same arithmetic `loft doctor --gpus N` prints."""
     try:
         from training.memory import estimate_recipe
     except ImportError:
         return None
-    est = estimate_recipe(cfg)
+    est = estimate_recipe(cfg, world=gpus)
     return round(est.allocated, 3) if est else None
 
 
@@ -323,6 +350,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", type=Path, help="also write the result here (default: runs/bench-speed/NAME/speed.json)")
     parser.add_argument("--profile", action="store_true", help="profile one extra step per runner (top kernels)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU, if not in the built-in table")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="run Loft on N GPUs (`loft train --gpus N`); tokens/s counts every rank, peaks are per GPU")
 
 
 def baseline_cap(cap_gib: float | None, baseline_cap_gib: float | None) -> float | None:
@@ -337,6 +366,8 @@ def run(args) -> int:
         raise LoftError("--steps must be at least 1 and --warmup at least 0")
     if args.only and args.vs:
         raise LoftError("--only runs one runner; drop it to compare with --vs baseline")
+    if args.gpus < 1 or (args.gpus > 1 and (args.vs or args.only == "baseline")):
+        raise LoftError("--gpus N needs N >= 1, and the TRL baseline runs on one GPU: drop --vs/--only baseline")
     if (args.cap_gib is not None and args.cap_gib <= 0) or (args.baseline_cap_gib or 0) < 0:
         raise LoftError("--cap-gib must be a positive number of GiB (e.g. 12); --baseline-cap-gib 0 lifts the "
                         "baseline's cap, and no cap is below 0")
@@ -355,7 +386,7 @@ def run(args) -> int:
     seq, mb, ga = cfg["sequence_len"], cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
     mean = sum(row_lengths(256, args.data, seq)) / 256
     packed = bool(cfg.get("sample_packing")) and task == "sft"
-    loft_step_tokens = mb * ga * (seq if packed else mean)
+    loft_step_tokens = mb * ga * (seq if packed else mean) * args.gpus  # every rank takes its own rows
     rows = math.ceil(total * loft_step_tokens / mean * 1.5) + 64
     data = work / f"{task}-{args.data}-{seq}.jsonl"
     mean = write_rows(data, task, row_lengths(rows, args.data, seq), seed=0)
@@ -372,9 +403,9 @@ def run(args) -> int:
     if args.only != "baseline":
         (work / "loft").mkdir(parents=True, exist_ok=True)
         loft_cfg = bench_config(cfg, model_dir, tokenizer, data, total)
-        results["loft"] = summarize(run_loft(args.recipe, loft_cfg, work, env), params, args.warmup, args.steps,
-                                    args.peak_tflops)
-        results["loft"]["estimated_allocated_gib"] = estimated_gib(loft_cfg)
+        results["loft"] = summarize(run_loft(args.recipe, loft_cfg, work, env, args.gpus), params, args.warmup,
+                                    args.steps, args.peak_tflops)
+        results["loft"]["estimated_allocated_gib"] = estimated_gib(loft_cfg, args.gpus)
         print(line(results["loft"]), flush=True)
     if args.vs == "baseline" or args.only == "baseline":
         # Same tokens per optimizer step: the baseline (no packing) accumulates as many rows as the Loft run packed.
@@ -391,7 +422,7 @@ def run(args) -> int:
         "n_params": params, "date": date.today().isoformat(), "versions": versions(),
         "command": invocation(),
         "data": {"profile": args.data, "rows": rows, "mean_row_tokens": round(mean, 1), "sequence_len": seq},
-        "warmup": args.warmup, "steps": args.steps, "cap_gib": args.cap_gib,
+        "warmup": args.warmup, "steps": args.steps, "cap_gib": args.cap_gib, "gpus": args.gpus,
         "baseline_cap_gib": baseline_cap(args.cap_gib, args.baseline_cap_gib), "runners": results,
         "ratios": ratios(results["loft"], results["baseline"]) if len(results) == 2 else None,
         "definitions": {"tokens_per_s": "non-padding input tokens of grad-enabled forwards in the timed optimizer "

@@ -32,12 +32,24 @@ ENV_PAD = "LOFT_SPEED_PAD_ID"
 ENV_PROFILE_STEP = "LOFT_SPEED_PROFILE_STEP"
 
 
+def local_device() -> int:
+    """This rank's GPU: LOCAL_RANK under accelerate/torchrun, 0 in a single process."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_path(path: str | Path) -> Path:
+    """Where this rank writes its record: the path itself on rank 0, NAME.rankR.json beside it on the others."""
+    path, rank = Path(path), int(os.environ.get("RANK", "0"))
+    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
 def apply_cap(cap_gib: float | None) -> None:
-    """Emulate a smaller card: the caching allocator refuses to hold more than cap_gib on GPU 0."""
+    """Emulate a smaller card: the caching allocator refuses to hold more than cap_gib on this rank's GPU."""
     if not cap_gib or not torch.cuda.is_available():
         return
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), 0)
+    device = local_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
 
 
 _reset_peak = torch.cuda.reset_peak_memory_stats
@@ -59,7 +71,7 @@ def memory(load_peaks: tuple[int, int] = (0, 0)) -> dict:
     """Peak allocated/reserved GiB of the whole process, and of training alone (since train begin)."""
     if not torch.cuda.is_available():
         return {"peak_allocated_gib": None, "peak_reserved_gib": None}
-    alloc, res = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    alloc, res = torch.cuda.max_memory_allocated(local_device()), torch.cuda.max_memory_reserved(local_device())
     return {
         "peak_allocated_gib": round(max(alloc, load_peaks[0]) / GIB, 3),
         "peak_reserved_gib": round(max(res, load_peaks[1]) / GIB, 3),
@@ -69,11 +81,12 @@ def memory(load_peaks: tuple[int, int] = (0, 0)) -> dict:
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return torch.cuda.get_device_name(local_device()) if torch.cuda.is_available() else "cpu"
 
 
 def write(path: str | Path, record: dict) -> None:
-    Path(path).write_text(json.dumps(record, indent=1))
+    record.setdefault("rank", int(os.environ.get("RANK", "0")))
+    rank_path(path).write_text(json.dumps(record, indent=1))
 
 
 def does_not_fit(path: str | Path, runner: str, cap_gib: float | None, exc: BaseException) -> dict:
@@ -131,13 +144,15 @@ class SpeedCallback(TrainerCallback):
         self.profiler = None
         self.top_kernels = None
         self.load_peaks = (0, 0)
+        self.losses: list[float] = []  # logged train loss per step (averaged over ranks by the Trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.counter.attach(model)
         _sync()
         if torch.cuda.is_available():  # what loading took; training's own peak starts here
-            self.load_peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
-            _reset_peak()
+            self.load_peaks = (torch.cuda.max_memory_allocated(local_device()),
+                               torch.cuda.max_memory_reserved(local_device()))
+            _reset_peak(local_device())
         self.marks = [(time.perf_counter(), self.counter.value())]
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -154,12 +169,17 @@ class SpeedCallback(TrainerCallback):
             self.top_kernels = top_kernels(self.profiler, self.out_path.with_suffix(".profile.txt"))
             self.profiler = None
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
     def on_train_end(self, args, state, control, **kwargs):
         write(self.out_path, self.record())
 
     def record(self) -> dict:
         return {"runner": self.runner, "status": "ok", "cap_gib": self.cap_gib, "device": device_name(),
-                "torch": torch.__version__, "marks": self.marks, "top_kernels": self.top_kernels, **memory(self.load_peaks)}
+                "torch": torch.__version__, "marks": self.marks, "top_kernels": self.top_kernels,
+                "losses": self.losses, **memory(self.load_peaks)}
 
 
 def top_kernels(prof, table_path: Path, n: int = 15) -> list[dict]:

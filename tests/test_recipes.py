@@ -42,7 +42,8 @@ IDS = [str(p.relative_to(RECIPES_DIR)) for p in RECIPES]
 CHAT_FIXTURE = Path(__file__).parent / "fixtures" / "chat-16.jsonl"
 
 # Hub ids the recipes train -> the architecture of the tiny stand-in (add a line with a new family).
-ARCH = {"Qwen/Qwen2.5-7B-Instruct": "qwen2", "meta-llama/Llama-3.1-8B-Instruct": "llama"}
+ARCH = {"Qwen/Qwen2.5-7B-Instruct": "qwen2", "Qwen/Qwen2.5-32B-Instruct": "qwen2",
+        "meta-llama/Llama-3.1-8B-Instruct": "llama"}
 
 # The capabilities load_cfg would probe on the target card (this machine has none): bf16-capable Ampere.
 TARGET_GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_80"}
@@ -71,6 +72,14 @@ SCHEDULE_KEYS = {
 }
 # Trained elsewhere, end to end.
 EXEMPT = {"smollm2-135m/lora-cpu.yaml": "the demo recipe: `loft demo` and its tests train it in full"}
+# Multi-GPU recipes: validated and header-checked here like every recipe. Their launch path (`loft train --gpus 2`,
+# accelerate + torchrun, 2 ranks on gloo) trains for real in tests/test_multigpu.py; FSDP2 and ZeRO need CUDA in
+# Axolotl 0.19 (it builds FSDP2's device mesh on "cuda"), so those runs are benchmarks/gpu/multigpu.sh's, on 2 GPUs.
+MULTI_GPU = {
+    "llama-3.1-8b/lora-bf16-ddp-80gb.yaml": "DDP: as lora-bf16-80gb.yaml per rank; 2 CPU ranks in test_multigpu.py",
+    "llama-3.1-8b/full-fsdp2-80gb.yaml": "FSDP2 full fine-tune: GPU only",
+    "qwen2.5-32b/qlora-fsdp2-24gb.yaml": "FSDP2 QLoRA: GPU only",
+}
 
 HEADER_PARTS = ("For:", "GPU:", "Run:", "Data:", "Levers:", "Coverage:")
 MEASURED = re.compile(r"measured \d{4}-\d{2}-\d{2}")  # "(measured 2026-11-30, torch …, axolotl …)"
@@ -334,7 +343,8 @@ def test_dpo_sample_format():
 
 # ---------------------------------------------------------------- (c) 2 real training steps per family × method
 def test_every_recipe_is_trained_or_grouped():
-    assert set(TRAINED) | set(SAME_RUN) | set(EXEMPT) == set(IDS), "add new recipes to TRAINED or SAME_RUN"
+    assert set(TRAINED) | set(SAME_RUN) | set(EXEMPT) | set(MULTI_GPU) == set(IDS), \
+        "add new recipes to TRAINED, SAME_RUN or MULTI_GPU"
     assert set(SAME_RUN.values()) <= set(TRAINED)
 
 

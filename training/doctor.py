@@ -8,7 +8,8 @@ Every problem is collected and printed together, each with a stable code, a seve
   LOFT-L2xx  recipes that run but waste the run (coverage, LR schedule, overfit, clipping, memory hogs,
              packages): training/lints.py
   LOFT-M3xx  peak GPU memory on a profile (training/memory.py), with the cheapest change that fits;
-             --measure runs it for real on a GPU (training/measure.py)
+             --measure runs it for real on a GPU (training/measure.py); with --gpus N, per GPU
+  LOFT-P4xx  multi-GPU combinations Axolotl or DeepSpeed cannot run (training/parallel.py)
   LOFT-X001  the doctor itself failed on one check (a bug: please report it); the other checks still ran
 
 Exit status: 0 clean (notes allowed), 1 warnings and --strict, 2 any error. A finding that is deliberate can be
@@ -240,7 +241,7 @@ def _dataset_keys(cfg: dict, report: Report):
 
 
 # ---------------------------------------------------------------- M3xx: memory
-def memory(cfg: dict, report: Report, gpu: str | None):
+def memory(cfg: dict, report: Report, gpu: str | None, world: int = 1):
     from training import memory as mem
 
     arch = mem.find_arch(cfg.get("base_model")) if isinstance(cfg.get("base_model"), str) else None
@@ -249,14 +250,14 @@ def memory(cfg: dict, report: Report, gpu: str | None):
                    "not estimated", "copy the model's config.json into training/archs/<RepoName>.json",
                    key="base_model")
         return None, None
-    est = mem.estimate(arch, mem.Setup.from_recipe(cfg))
-    report.memory = {**est.to_dict(), "gpu": gpu}
+    est = mem.estimate(arch, mem.Setup.from_recipe(cfg, world))
+    report.memory = {**est.to_dict(), "gpu": gpu, "world": world, "strategy": est.setup.parallel}
     if gpu:
         size = mem.gpu_gib(gpu)
         verdict = est.verdict(size)
         report.memory.update(gpu_gib=size, verdict=verdict)
         if verdict != "fits":
-            found = mem.cheapest_fit(cfg, arch, size)
+            found = mem.cheapest_fit(cfg, arch, size, world)
             if found:
                 labels, change, after = found
                 sets = " ".join(f"--set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in change.items())
@@ -272,7 +273,7 @@ def memory(cfg: dict, report: Report, gpu: str | None):
 
 
 # ---------------------------------------------------------------- the verb
-def diagnose(recipe_path: Path, gpu: str | None = None, data: bool = True) -> Report:
+def diagnose(recipe_path: Path, gpu: str | None = None, data: bool = True, gpus: int = 1, nodes: int = 1) -> Report:
     recipe_path = Path(recipe_path)
     try:
         text = recipe_path.read_text(encoding="utf-8", errors="replace")
@@ -287,7 +288,10 @@ def diagnose(recipe_path: Path, gpu: str | None = None, data: bool = True) -> Re
         from training import datacheck
 
         _guarded(report, "data", lambda: datacheck.check(cfg, validated, report))
-    arch_est = _guarded(report, "memory", lambda: memory(cfg, report, gpu)) or (None, None)
+    arch_est = _guarded(report, "memory", lambda: memory(cfg, report, gpu, gpus * nodes)) or (None, None)
+    from training import parallel
+
+    _guarded(report, "multi-GPU", lambda: parallel.check(cfg, report, gpus, nodes))
     from training import lints
 
     _guarded(report, "lints", lambda: lints.check(cfg, report, *arch_est))
@@ -318,8 +322,10 @@ def render(report: Report, strict: bool) -> str:
         from training.memory import PROFILES
 
         m = report.memory
-        lines.append(f"memory: {m['model']} ({m['params_b']:.2f} B params) — peak allocated ≈ {m['allocated_gib']:.1f} "
-                     f"GiB, needs ≈ {m['needed_gib']:.1f} GiB with allocator slack and CUDA context")
+        per = f" per GPU ({m['world']} ranks, {m['strategy']})" if m.get("world", 1) > 1 else ""
+        lines.append(f"memory: {m['model']} ({m['params_b']:.2f} B params) — peak allocated{per} ≈ "
+                     f"{m['allocated_gib']:.1f} GiB, needs ≈ {m['needed_gib']:.1f} GiB with allocator slack and CUDA "
+                     "context")
         for part, gib in m["parts_gib"].items():
             lines.append(f"  {part:<36} {gib:6.2f} GiB")
         if m.get("verdict"):
@@ -345,6 +351,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("recipe", type=Path, help="an Axolotl recipe, e.g. recipes/qwen2.5-7b/qlora-sft-8gb.yaml")
     parser.add_argument("--gpu", metavar="PROFILE",
                         help="judge memory on rtx5070-12gb, rtx5090-32gb, a100-40gb, a100-80gb, h100-80gb, or N (GiB)")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="judge the run `loft train --gpus N` makes: memory per GPU, multi-GPU combinations")
+    parser.add_argument("--nodes", type=int, default=1, metavar="M", help="hosts, for --gpus N on each (default 1)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings")
     parser.add_argument("--no-data", action="store_true", help="skip the dataset checks (faster)")
@@ -379,6 +388,8 @@ def run(args) -> int:
         from training.memory import gpu_gib
 
         gpu_gib(args.gpu)  # an unknown profile is a usage error before any work
+    if args.gpus < 1 or args.nodes < 1:
+        raise LoftError(f"--gpus and --nodes must be at least 1 (got {args.gpus} and {args.nodes})")
     if args.measure:
         from training.measure import require_cuda
 
@@ -389,9 +400,9 @@ def run(args) -> int:
         import contextlib
 
         with contextlib.redirect_stdout(sys.stderr):
-            report = diagnose(args.recipe, args.gpu, data=not args.no_data)
+            report = diagnose(args.recipe, args.gpu, not args.no_data, args.gpus, args.nodes)
     else:
-        report = diagnose(args.recipe, args.gpu, data=not args.no_data)
+        report = diagnose(args.recipe, args.gpu, not args.no_data, args.gpus, args.nodes)
     print(to_json(report, args.strict) if args.json else render(report, args.strict))
     if args.measure and report.count("error") == 0:
         from training.measure import measure

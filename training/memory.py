@@ -181,9 +181,13 @@ class Setup:
     chunked_logps: bool = False  # training.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
     upcast_embeddings: bool = False  # k-bit loading casts embeddings/lm_head to fp32 (then back): a loading peak
     plugins: list[str] = field(default_factory=list)
+    parallel: str = "none"  # "ddp" | "zero1" | "zero2" | "zero3" | "fsdp1" | "fsdp2" (training/parallel.py reads it)
+    world: int = 1  # processes (GPUs) in the run, all hosts together
+    offload_params: bool = False  # ZeRO-3 offload_param / FSDP offload_params: weight shards in CPU RAM
+    offload_optimizer: bool = False  # ZeRO offload_optimizer: optimizer state and fp32 master weights in CPU RAM
 
     @classmethod
-    def from_recipe(cls, cfg: dict) -> "Setup":
+    def from_recipe(cls, cfg: dict, world: int = 1) -> "Setup":
         def num(key, default):
             value = cfg.get(key)
             return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else default
@@ -200,6 +204,12 @@ class Setup:
         if cfg.get("lora_target_linear"):
             targets = list(Arch.linear_shapes(Arch("", 1, 1, 1, 1, 1, 1, 1, False)))
         gc = cfg.get("gradient_checkpointing")
+        fsdp = cfg.get("fsdp_config") if isinstance(cfg.get("fsdp_config"), dict) else {}
+        if fsdp.get("activation_checkpointing") or fsdp.get("fsdp_activation_checkpointing"):
+            gc = True  # FSDP's own per-layer checkpointing
+        from training.parallel import strategy
+
+        parallel, offload_params, offload_optimizer = strategy(cfg, world)
         return cls(
             quant=quant,
             double_quant=bnb.get("bnb_4bit_use_double_quant", True) is not False,
@@ -223,8 +233,13 @@ class Setup:
             # PEFT's prepare_model_for_kbit_training (Axolotl runs it for k-bit adapters) upcasts every unquantized
             # weight to fp32; Axolotl converts them back, and skips the embeddings with embeddings_skip_upcast (4-bit)
             upcast_embeddings=quant != "none" and cfg.get("adapter") in ("lora", "qlora")
-            and not (quant == "4bit" and _on(cfg.get("embeddings_skip_upcast"))),
+            and not (quant == "4bit" and _on(cfg.get("embeddings_skip_upcast")))
+            and parallel not in ("zero3", "fsdp1", "fsdp2"),  # Axolotl skips that preparation when sharding
             plugins=plugins,
+            parallel=parallel,
+            world=max(1, int(world)),
+            offload_params=offload_params,
+            offload_optimizer=offload_optimizer,
         )
 
 
@@ -313,7 +328,8 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     else:
         targets = []
         trainable = arch.params * s.dtype_bytes
-        state = arch.params * opt
+        # torch's AdamW keeps its two moments in the parameters' dtype: bf16 weights, bf16 moments
+        state = arch.params * (2 * s.dtype_bytes if opt == 8.0 else opt)
     if paged:
         notes.append(f"{s.optimizer}: {state / GIB:.2f} GiB of optimizer state in CUDA managed memory (paged to CPU "
                      "RAM under pressure; not in torch's peak allocated)")
@@ -343,23 +359,32 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
 
     parts = {"weights": weights, "trainable (params+grads+optimizer)": trainable, "activations": act,
              "logits / loss": logits, "workspace": workspace}
+    if s.parallel != "none":
+        from training.parallel import per_gpu
+
+        other_bytes = other * (2 if s.quant != "none" else s.dtype_bytes)
+        loading_weights = per_gpu(parts, arch, s, weights, other_bytes, state if not paged else 0.0, notes)
+    else:
+        loading_weights = weights
     if s.separate_reference:
         parts["reference model"] = weights
         notes.append("DPO without an adapter loads a second (reference) model: with `adapter: qlora` the policy "
                      "with its adapter disabled is the reference, and this line disappears")
     loading = 0.0
+    if s.parallel != "none" and loading_weights > parts["weights"]:  # a rank holds more while loading
+        loading = (loading_weights + parts["workspace"]) / GIB
     if s.upcast_embeddings:  # every embedding matrix in fp32 (2 B more each), the last one cast still in bf16 too
         matrices = 1 if arch.tied else 2
-        loading = (weights + (2 * matrices + 2) * V * h) / GIB
+        loading = max(loading, (loading_weights + (2 * matrices + 2) * V * h) / GIB)
         if loading > sum(parts.values()) / GIB:  # measured 8.23 GiB for Qwen2.5-7B QLoRA (benchmarks/RESULTS.md, T3)
             notes.append(f"loading peaks at {loading:.2f} GiB, above training: Axolotl upcasts the embeddings to "
                          "fp32 while preparing the k-bit model; `embeddings_skip_upcast: true` avoids it (4-bit)")
     return Estimate(arch, s, {k: v / GIB for k, v in parts.items()}, notes, loading)
 
 
-def estimate_recipe(cfg: dict, arch: Arch | None = None) -> Estimate | None:
+def estimate_recipe(cfg: dict, arch: Arch | None = None, world: int = 1) -> Estimate | None:
     arch = arch or find_arch(cfg.get("base_model"))
-    return estimate(arch, Setup.from_recipe(cfg)) if arch else None
+    return estimate(arch, Setup.from_recipe(cfg, world)) if arch else None
 
 
 def gpu_gib(profile: str) -> float:
@@ -419,18 +444,18 @@ def remedies(cfg: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def cheapest_fit(cfg: dict, arch: Arch, gpu: float) -> tuple[list[str], dict, Estimate] | None:
+def cheapest_fit(cfg: dict, arch: Arch, gpu: float, world: int = 1) -> tuple[list[str], dict, Estimate] | None:
     """The first single change that fits; else the shortest prefix of the list applied together."""
     options = remedies(cfg)
     for label, change in options:
-        est = estimate(arch, Setup.from_recipe({**cfg, **change}))
+        est = estimate(arch, Setup.from_recipe({**cfg, **change}, world))
         if est.verdict(gpu) == "fits":
             return [label], change, est
     merged, labels = {}, []
     for label, change in options:
         merged.update(change)
         labels.append(label)
-        est = estimate(arch, Setup.from_recipe({**cfg, **merged}))
+        est = estimate(arch, Setup.from_recipe({**cfg, **merged}, world))
         if est.verdict(gpu) == "fits":
             return labels, merged, est
     return None

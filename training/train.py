@@ -1,28 +1,28 @@
 """`loft train RECIPE`: doctor the recipe, resolve it into runs/<name>/, hand it to Axolotl with the guard.
 
 Training is Axolotl's (`accelerate launch -m axolotl.cli.train`); this verb only adds the run folder,
-overrides that fail loudly on unknown keys, the private environment, and all CPU threads on a CPU machine
-(accelerate defaults a non-CPU launch to one OpenMP thread).
+overrides that fail loudly on unknown keys, the private environment, and the launch itself (training/launcher.py:
+one process, or --gpus N / --nodes M through accelerate, with all CPU threads shared between the ranks).
 """
 
 import json
-import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from training import recipe as recipes
 from training.errors import LoftError
+from training.launcher import DEFAULT_PORT, Topology, check_devices, command, environment
 from training.paths import REPO
 
 HELP = "Doctor a recipe, then train it with Axolotl and the health guard into runs/<name>/ (--set key=value)."
-EXAMPLE = "loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick"
+EXAMPLE = ("loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick\n"
+           "         loft train recipes/llama-3.1-8b/lora-bf16-ddp-80gb.yaml --gpus 2")
 
 
-def launch(resolved: Path, log_path: Path | None = None) -> None:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "axolotl.cli.train", str(resolved)]
+def launch(resolved: Path, log_path: Path | None = None, topo: Topology | None = None) -> None:
+    env, cmd = environment(topo), command(resolved, topo)
     log = open(log_path, "w") if log_path else None
     try:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -40,24 +40,37 @@ def launch(resolved: Path, log_path: Path | None = None) -> None:
 
 
 GUARD = "training.guard.HealthGuardPlugin"
+CPU_RANKS = "training.cpu_ranks.CPURanksPlugin"
 
 
-def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None, check: bool = True) -> Path:
-    """Doctor, then train with the health guard; return the run folder (adapter in run_dir/adapter)."""
+def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None, check: bool = True,
+          topo: Topology | None = None, print_only: bool = False) -> Path:
+    """Doctor, then train with the health guard; return the run folder (adapter in run_dir/adapter).
+    print_only: write the resolved recipe and print the launch command instead (e.g. to check a multi-node line)."""
+    topo = topo or Topology()
+    topo.check()
+    note = None if print_only else check_devices(topo)
     run_dir, cfg = recipes.resolve(recipe, name, overrides or [])
     if GUARD not in (cfg.get("plugins") or []):
         cfg["plugins"] = [*(cfg.get("plugins") or []), GUARD]
+    if note:  # ranks without a GPU: their models go to the CPU (training/cpu_ranks.py)
+        cfg["plugins"].append(CPU_RANKS)
     resolved = recipes.write(cfg, run_dir, recipe)
+    if print_only:
+        print(shlex.join(command(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved, topo)))
+        return run_dir
     if check:
         from training.doctor import diagnose, render
 
-        report = diagnose(resolved)
+        report = diagnose(resolved, gpus=topo.gpus, nodes=topo.nodes)
         print(render(report, strict=False))
         if report.count("error"):
             raise LoftError(f"loft doctor found {report.count('error')} error(s) in {recipe} (above); "
                             "fix them, or pass --no-check to train anyway")
-    print(f"loft train: {recipe} -> {run_dir}")
-    launch(resolved, run_dir / "train.log")
+    print(f"loft train: {recipe} -> {run_dir}" + (f" on {topo.world} processes" if topo.world > 1 else ""))
+    if note:
+        print(f"loft train: {note}")
+    launch(resolved, run_dir / "train.log", topo)
     health = run_dir / "adapter" / "health.json"
     if health.exists():
         status = json.loads(health.read_text())
@@ -65,8 +78,11 @@ def train(recipe: Path, name: str | None = None, overrides: list[str] | None = N
             problem = status.get("problem", {})
             raise LoftError(f"the health guard stopped the run at step {problem.get('step')}: "
                             f"{problem.get('reason')}; causes and fixes in {health}", code=3)
-    if not (run_dir / "adapter" / "adapter_config.json").exists():
-        raise LoftError(f"training finished but wrote no adapter in {run_dir / 'adapter'}; see {run_dir / 'train.log'}")
+    full = not cfg.get("adapter")  # a full fine-tune writes a whole model folder, not an adapter
+    wrote = (run_dir / "adapter" / ("config.json" if full else "adapter_config.json")).exists()
+    if not wrote:
+        what = "model" if full else "adapter"
+        raise LoftError(f"training finished but wrote no {what} in {run_dir / 'adapter'}; see {run_dir / 'train.log'}")
     return run_dir
 
 
@@ -76,8 +92,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (repeatable; unknown keys are rejected)")
     parser.add_argument("--no-check", action="store_true", help="skip `loft doctor` before training")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="GPUs (processes) on this host: DDP, ZeRO or FSDP2 as the recipe's keys say (default 1)")
+    parser.add_argument("--nodes", type=int, default=1, metavar="M", help="hosts taking part (default 1)")
+    parser.add_argument("--node-rank", type=int, default=0, metavar="R", help="this host's number, 0 to M-1")
+    parser.add_argument("--master-addr", metavar="ADDR", help="address of the --node-rank 0 host (with --nodes)")
+    parser.add_argument("--master-port", type=int, metavar="PORT",
+                        help=f"its rendezvous port (default {DEFAULT_PORT} across hosts, a free one on one host)")
+    parser.add_argument("--print-command", action="store_true",
+                        help="write runs/<name>/recipe.yaml and print the launch command instead of training")
 
 
 def run(args) -> int:
-    train(args.recipe, args.name, args.overrides, check=not args.no_check)
+    topo = Topology(args.gpus, args.nodes, args.node_rank, args.master_addr, args.master_port)
+    train(args.recipe, args.name, args.overrides, check=not args.no_check, topo=topo, print_only=args.print_command)
     return 0
