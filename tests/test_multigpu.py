@@ -168,8 +168,11 @@ def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     out = tmp_path / "merged"
+    # fp32: after 2 steps the adapter is a tiny change, and bf16 rounding of the merged weights alone moves this
+    # fixture's perplexity past the check's 1% (bf16 merges are tests/test_merge.py's and the demo's to check)
     merge = subprocess.run([sys.executable, "-m", "training.cli", "merge", "--adapter", str(adapter), "--out", str(out),
-                            "--eval", str(FIXTURE)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                            "--eval", str(FIXTURE), "--dtype", "fp32"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=1200)
     assert merge.returncode == 0, merge.stdout[-2000:] + merge.stderr[-2000:]
     report = json.loads((out / "merge-report.json").read_text())  # written only when the merge verified
     assert report["passed"] is True and report["verified"] is True and (out / "config.json").exists()
