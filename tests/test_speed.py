@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import speed, speed_probe
+from benchmarks.peers import harness
 from training import recipe as recipes
 from training.errors import LoftError
 
@@ -187,7 +188,7 @@ def test_baseline_command_carries_the_recipe_hyperparameters(tmp_path):
     cfg = {"sequence_len": 1024, "micro_batch_size": 1, "learning_rate": 2e-4, "optimizer": "paged_adamw_8bit",
            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "adapter": "qlora", "load_in_4bit": True,
            "gradient_checkpointing": True}
-    cmd = speed.baseline_command(cfg, tmp_path, tmp_path, tmp_path / "d", tmp_path / "o", 5, 43, 12.0, None)
+    cmd = harness.command("baseline", "sft", cfg, tmp_path, tmp_path, tmp_path / "d", tmp_path / "o", 5, 43, 12.0, None)
     args = " ".join(cmd)
     assert "--grad-accum 43" in args and "--load-in-4bit" in args and "--gradient-checkpointing" in args
     assert "--optimizer paged_adamw_8bit" in args and "--cap-gib 12.0" in args and "--task sft" in args
@@ -201,8 +202,8 @@ def test_baseline_cap_follows_cap_gib_unless_told():
     assert speed.baseline_cap(11.0, None) == 11.0
     assert speed.baseline_cap(11.0, 0) is None  # uncapped: time a baseline that does not fit the card
     assert speed.baseline_cap(None, 24.0) == 24.0
-    cmd = speed.baseline_command({"sequence_len": 64}, Path("m"), Path("t"), Path("d"), Path("o"), 3, 1,
-                                 speed.baseline_cap(11.0, 0), None)
+    cmd = harness.command("baseline", "sft", {"sequence_len": 64}, Path("m"), Path("t"), Path("d"), Path("o"), 3, 1,
+                          speed.baseline_cap(11.0, 0), None)
     assert "--cap-gib" not in cmd
 
 
@@ -231,10 +232,10 @@ def test_report_line_and_ratios():
     loft = {"runner": "loft", "status": "ok", "tokens_per_s": 8590.0, "tokens_per_step": 8123, "step_s_median": 0.97,
             "peak_allocated_gib": 5.4, "peak_reserved_gib": 9.0, "mfu": 0.397}
     base = dict(loft, runner="baseline", tokens_per_s=312.0, tokens_per_step=8069, peak_reserved_gib=8.7)
-    r = speed.ratios(loft, base)
+    r = harness.ratios(loft, base)
     assert r["tokens_per_s"] == 27.53 and r["tokens_per_step"] == 1.01
     assert "8,590 tok/s" in speed.line(loft) and "MFU 39.7%" in speed.line(loft)
-    assert speed.ratios(loft, {"status": "does_not_fit"}) is None
+    assert harness.ratios(loft, {"status": "does_not_fit"}) is None
 
 
 # ---------------------------------------------------------------- figures from a committed results file
