@@ -135,3 +135,44 @@ def test_tuned_runner_trains_a_tiny_model_beside_an_unsloth_that_cannot(tmp_path
     assert trl["versions"]["trl"] and trl["settings"]["max_length"] == 512
     assert uns["status"] == "cannot_run" and uns["reason"].startswith("no CUDA GPU")
     assert report["strongest"] == "trl" and report["versus"] == {}  # no Loft run: nothing to divide
+
+
+# ---------------------------------------------------------------- RESULTS.md's table from the results files
+def _run(name, runners, seq=8192, cap=12.0, data="full"):
+    return {"name": name, "recipe": "recipes/qwen2.5-7b/qlora-sft-12gb.yaml", "task": "sft", "arch": "Qwen2.5-7B",
+            "data": {"profile": data, "sequence_len": seq}, "cap_gib": cap, "runners": runners,
+            "versus": harness.versus(runners), "strongest": harness.strongest(runners)}
+
+
+def test_results_table_compares_with_the_strongest_and_applies_the_goal(tmp_path, capsys):
+    from benchmarks.peers import table
+
+    reason = "no CUDA GPU (Unsloth's fast path is Triton kernels on CUDA)"
+    full = _run("vs-qwen7b-qlora-12gb-full", {"loft": _ok("loft", 8281.0, 8.97), "trl": _ok("trl", 9062.0, 9.16),
+                                              "unsloth": _ok("unsloth", 10057.0, 8.85)})
+    packed = _run("vs-qwen7b-qlora-12gb-packed", {"loft": _ok("loft", 9822.0, 8.93), "trl": _ok("trl", 6372.0, 9.59),
+                                                  "unsloth": _ok("unsloth", 9356.0, 7.65)}, data="shakespeare")
+    nogpu = _run("vs-cpu", {"loft": _ok("loft", 10.0, 1.0),
+                            "unsloth": {"runner": "unsloth", "status": "cannot_run", "reason": reason}})
+    long = {f"vs-llama8b-long-{runner}-{n}": _run(f"vs-llama8b-long-{runner}-{n}", {runner: r}, seq=n)
+            for runner, n, r in [("unsloth", 28672, _ok("unsloth", 4000.0, 11.5)),
+                                 ("unsloth", 32768, {"status": "does_not_fit", "cap_gib": 12.0}),
+                                 ("loft", 32768, _ok("loft", 4579.0, 11.99)),
+                                 ("loft", 36864, _ok("loft", 4400.0, 11.9))]}
+    for run in [full, packed, nogpu, *long.values()]:
+        (tmp_path / f"{run['name']}.json").write_text(json.dumps(run))
+    merged = tmp_path / "results" / "vs-peers.json"
+    assert table.main([*map(str, sorted(tmp_path.glob("*.json"))), "--merge", str(merged)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("`")[1]: line for line in out.splitlines() if "`vs-" in line}
+    assert "| 8,281 tok/s, 8.97 GiB | 9,062 tok/s, 9.16 GiB | 10,057 tok/s, 8.85 GiB |" in rows["vs-qwen7b-qlora-12gb-full"]
+    assert "0.82× Unsloth | not met: 0.82x, +0.12 GiB |" in rows["vs-qwen7b-qlora-12gb-full"]
+    assert "1.05× Unsloth | not met: 1.05x, +1.28 GiB |" in rows["vs-qwen7b-qlora-12gb-packed"]  # fast, not small
+    assert f"cannot run: {reason}" in rows["vs-cpu"] and "no Unsloth number (cannot_run)" in rows["vs-cpu"]
+    assert "| Unsloth | 28,672 | 4,000 | 11.50 GiB |" in out and "| Loft | 36,864 | 4,400 | 11.90 GiB |" in out
+    assert "Loft ÷ Unsloth, longest sequence: 1.29× (met" in out
+    assert set(json.loads(merged.read_text())["runs"]) == {full["name"], packed["name"], "vs-cpu", *long}
+    assert table.main([str(merged)]) == 0 and capsys.readouterr().out == out  # the merged file draws the same
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(LoftError, match="holds neither one run"):
+        table.main([str(tmp_path / "bad.json")])
