@@ -4,16 +4,17 @@
 # ("Against TRL and Unsloth"); then Loft's untried levers as --set overrides of the recipes, 20 steps each so
 # their losses can be set beside the unchanged recipe's on the same rows.
 # Run from the repo root with the wheelhouse of fetch-wheels-slim.sh --unsloth carried as .whl. CASES picks the
-# groups of one device call (each fits the 10-minute limit; results land in $OUT/NAME.json as they finish):
-#   CASES="qwen-full qwen-packed" bash benchmarks/gpu/vs-peers.sh
-#   groups, in priority order: qwen-full qwen-packed | llama-bf16 qwen-dpo | long-unsloth long-trl |
-#                              long-loft levers-llama | levers-qwen
-#   (smoke: every runner on a tiny random model, SFT and DPO, ~2 minutes, to catch a broken runner cheaply)
-export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 450 ))}"  # a Qwen/Llama run takes ~1-2 min
-export RUN_TIMEOUT="${RUN_TIMEOUT:-240}"
+# groups of one device call (results land in $OUT/NAME.json as each finishes):
+#   CASES=qwen-full bash benchmarks/gpu/vs-peers.sh
+# A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
+# group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
+# long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama; smoke (every runner on a tiny
+# random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply before the big ones.
+export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
+export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
 # shellcheck source=benchmarks/gpu/lib.sh
 source benchmarks/gpu/lib.sh
-CASES="${CASES:-qwen-full qwen-packed}"
+CASES="${CASES:-qwen-full}"
 Q=recipes/qwen2.5-7b
 L=recipes/llama-3.1-8b
 PEERS=(--vs trl,unsloth)
@@ -66,11 +67,13 @@ want long-loft && longest loft 32768 36864 40960
 # rows. Not here: Axolotl's cut_cross_entropy plugin, which needs Axolotl's git fork of cut-cross-entropy (its
 # PyPI release lacks cut_cross_entropy.transformers), and no registry reaches the host.
 lever() { local name="$1"; shift; bench "lever-$name" "$@" "${LEVER[@]}"; }
-if want levers-qwen; then
-  QF=("${Q12[@]}" --data full)
+QF=("${Q12[@]}" --data full)
+if want levers-qwen-a; then
   lever qwen-full-recipe "${QF[@]}"
   lever qwen-full-selective-ckpt "${QF[@]}" --set selective_checkpointing=true  # keep attention, recompute the rest
   lever qwen-full-reentrant "${QF[@]}" --set gradient_checkpointing_kwargs.use_reentrant=true
+fi
+if want levers-qwen-b; then
   lever qwen-full-kernels-off "${QF[@]}" --set lora_mlp_kernel=false --set lora_qkv_kernel=false \
     --set lora_o_kernel=false
   lever qwen-full-offload "${QF[@]}" --set gradient_checkpointing=offload  # TRL's offloader instead of recompute
