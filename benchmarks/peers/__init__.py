@@ -38,8 +38,8 @@ def parse_runners(text: str) -> list[str]:
         name = ALIASES.get(name, name)
         if name not in RUNNERS:
             known = ", ".join(sorted(RUNNERS))
-            raise LoftError(f"`{name}` is not a runner loft bench speed knows; --vs and --only take a comma-separated list "
-                            f"of: {known} (e.g. --vs trl,unsloth,naive)")
+            raise LoftError(f"`{name}` is not a runner loft bench speed knows; --vs and --only take a "
+                            f"comma-separated list of: {known} (e.g. --vs trl,unsloth,naive)")
         if RUNNERS[name][0] not in keys:
             keys.append(RUNNERS[name][0])
     return keys
