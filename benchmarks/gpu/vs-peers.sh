@@ -65,9 +65,10 @@ want long-trl && longest trl 12288 16384 20480
 want long-loft && longest loft 32768 36864 40960
 
 # Loft's levers where it lost (full-length rows), Loft alone, 20 steps, against the unchanged recipe on the same
-# rows. Not here: Axolotl's cut_cross_entropy plugin, which needs Axolotl's git fork of cut-cross-entropy (its
-# PyPI release lacks cut_cross_entropy.transformers), and no registry reaches the host.
+# rows. Cut cross-entropy through Loft's plugin (training/cce.py): Axolotl's own needs its git fork of the package.
 lever() { local name="$1"; shift; bench "lever-$name" "$@" "${LEVER[@]}"; }
+CCE=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.cce.CutCrossEntropyPlugin]"
+     --set liger_fused_linear_cross_entropy=false)
 QF=("${Q12[@]}" --data full)
 if want levers-qwen-a; then
   lever qwen-full-recipe "${QF[@]}"
@@ -75,6 +76,7 @@ if want levers-qwen-a; then
   lever qwen-full-reentrant "${QF[@]}" --set gradient_checkpointing_kwargs.use_reentrant=true
 fi
 if want levers-qwen-b; then
+  lever qwen-full-cce "${QF[@]}" "${CCE[@]}"
   lever qwen-full-kernels-off "${QF[@]}" --set lora_mlp_kernel=false --set lora_qkv_kernel=false \
     --set lora_o_kernel=false
   lever qwen-full-offload "${QF[@]}" --set gradient_checkpointing=offload  # TRL's offloader instead of recompute
@@ -82,6 +84,7 @@ if want levers-qwen-b; then
 fi
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
+  lever llama-bf16-cce "${B80[@]}" "${CCE[@]}"
   lever llama-bf16-kernels-off "${B80[@]}" --set lora_mlp_kernel=false --set lora_qkv_kernel=false \
     --set lora_o_kernel=false
   lever llama-bf16-compile "${B80[@]}" --set torch_compile=true
