@@ -203,7 +203,10 @@ def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
 def summarize(result: dict, params: int, warmup: int, steps: int, peak_override: float | None) -> dict:
     if result.get("status") != "ok":
         return result
-    summary = dict(result, **throughput(result.pop("marks"), warmup, steps))
+    try:  # one runner that stopped early is that runner's error, not the end of the whole comparison
+        summary = dict(result, **throughput(result.pop("marks"), warmup, steps))
+    except LoftError as err:
+        return dict(result, status="error", error=str(err))
     peak = peak_override or peak_tflops(summary["device"])
     summary["peak_tflops"] = peak
     summary["mfu"] = round(mfu(params, summary["tokens_per_s"], peak), 4) if peak else None

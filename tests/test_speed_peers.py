@@ -86,6 +86,13 @@ def test_loft_is_compared_with_every_peer_and_headlined_against_the_strongest():
     assert harness.strongest({"loft": _ok("loft", 1.0, 1.0)}) is None
 
 
+def test_a_runner_that_stopped_early_is_its_own_error():
+    record = {"runner": "unsloth", "status": "ok", "device": "cpu", "marks": [(0.0, 0), (1.0, 100)]}
+    r = speed.summarize(record, params=1, warmup=2, steps=4, peak_override=None)
+    assert r["status"] == "error" and "logged 1 steps, fewer than warmup 2 + steps 4" in r["error"]
+    assert speed.line(r).startswith("  unsloth   failed: the run logged 1 steps")
+
+
 def test_a_runner_that_wrote_nothing_is_an_error_naming_its_last_log_line(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("python -m benchmarks.peers.trl_tuned ...\nTraceback\nValueError: bad rows\n\n")
