@@ -32,9 +32,8 @@ from importlib import metadata
 from pathlib import Path
 
 from training import recipe as recipes
-from training import train as trainer
 from training.errors import LoftError
-from training.measure import DROP, PAD_ID, WORDS, random_model, word_tokenizer
+from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
 from training.memory import normalize
 from training.paths import REPO, RUNS
 
@@ -195,7 +194,7 @@ def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
     os.environ.update(env)
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Axolotl's output: train.log
-            trainer.launch(resolved, run_dir / "train.log")
+            launch(resolved, run_dir / "train.log")
     except LoftError:
         pass  # an out-of-memory crash left a "does_not_fit" record; anything else is reported as an error
     finally:

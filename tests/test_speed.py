@@ -147,7 +147,7 @@ def test_baseline_reports_oom_raised_in_a_training_step(tmp_path, monkeypatch):
 def test_tokenizer_gives_one_token_per_word_and_exact_row_lengths(tmp_path):
     from transformers import AutoTokenizer
 
-    from training.measure import word_tokenizer
+    from training.axolotl import word_tokenizer
 
     tok = AutoTokenizer.from_pretrained(word_tokenizer())
     assert tok.pad_token_id == speed.PAD_ID and len(tok) < speed.TINY["vocab_size"]

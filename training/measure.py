@@ -13,15 +13,13 @@ Prints, after the doctor's report:
 
 import json
 import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from training.axolotl import DROP, GUARD, SPECIALS, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
-from training.paths import REPO, RUNS
+from training.paths import RUNS
 
 
 def require_cuda() -> None:
@@ -30,75 +28,6 @@ def require_cuda() -> None:
     if not torch.cuda.is_available():
         raise LoftError("--measure needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
                         "drop --measure for the arithmetic estimate, or run it on the GPU host")
-
-
-# The stand-in tokenizer: one token per word `w0`..`w3999` plus ChatML's specials, so row lengths in tokens are
-# exact and every id fits any model's vocabulary. It lives in its own folder: next to a config.json, AutoTokenizer
-# would swap it for the model family's own class (Qwen2Tokenizer, ...), which re-splits the words.
-SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
-PAD_ID = 0
-WORDS = 4000
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def word_tokenizer() -> Path:
-    out = RUNS / "random-models" / "word-tokenizer"
-    if (out / "tokenizer.json").exists():
-        return out
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(WORDS)])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
-                                  additional_special_tokens=["<|im_start|>"], model_max_length=1 << 20)
-    tok.chat_template = CHATML
-    tok.save_pretrained(out)
-    return out
-
-
-def random_model(name: str, config: dict) -> Path:
-    """A random-initialised bf16 model of `config` in runs/random-models/NAME, built once and shared by
-    `loft doctor --measure` and `loft bench speed`. Built in a child process, so its GPU memory is freed before
-    training starts; the stamp records the config it was built from and the parameter count."""
-    config = {k: v for k, v in config.items() if k != "quantization_config"}  # describes weights we do not have
-    out = RUNS / "random-models" / name
-    stamp = out / "loft-random.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("config") == config:
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(config))
-    (out / "config.source.json").write_text(json.dumps(config))  # save_pretrained rewrites config.json
-    print(f"random-initialising {name} -> {out}", flush=True)
-    subprocess.run([sys.executable, "-c", f"from training.measure import _initialise; _initialise({str(out)!r})"],
-                   cwd=REPO, check=True)
-    return out
-
-
-def _initialise(model_dir: str) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(model_dir)
-    Path(model_dir, "loft-random.json").write_text(json.dumps({
-        "config": json.loads(Path(model_dir, "config.source.json").read_text()),
-        "n_params": model.num_parameters()}))
-
-
-# Keys that point at data, tokenizers, evaluation, checkpoints or trackers: --measure and `loft bench speed` replace
-# or drop them and keep every compute key as the recipe has it.
-DROP = ("datasets", "test_datasets", "pretraining_dataset", "chat_template", "chat_template_jinja", "special_tokens",
-        "tokens", "added_tokens_overrides", "tokenizer_config", "tokenizer_type", "base_model_config", "eval_steps",
-        "evals_per_epoch", "saves_per_epoch", "save_steps", "save_total_limit", "eval_strategy", "do_bench_eval",
-        "hub_model_id", "push_to_hub", "use_wandb", "wandb_project", "wandb_name", "wandb_entity", "use_mlflow",
-        "resume_from_checkpoint", "lora_model_dir", "num_epochs", "max_steps", "val_set_size", "eval_table_size")
 
 
 def preference_rows(path: Path, seq: int, rows: int) -> Path:
@@ -123,10 +52,10 @@ def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> di
     else:
         run["datasets"] = [{"path": "synthetic", "type": "_synthetic", "length": rows, "sequence_length": seq,
                             "max_input_id": len(SPECIALS) + WORDS - 1, "seed": 0}]
-    plugins = [p for p in cfg.get("plugins") or [] if p != "training.guard.HealthGuardPlugin"]
+    plugins = [p for p in cfg.get("plugins") or [] if p != GUARD]
     run.update(base_model=str(model_dir), max_steps=steps, num_epochs=1, save_strategy="no", eval_strategy="no",
                output_dir=str(work / "out"), dataset_prepared_path=str(work / "prepared"), logging_steps=1,
-               plugins=plugins + ["training.guard.HealthGuardPlugin"], loft_guard_min_improvement=0,
+               plugins=plugins + [GUARD], loft_guard_min_improvement=0,
                loft_guard_action="warn", tokenizer_config=str(word_tokenizer()),
                chat_template="tokenizer_default")
     return run
@@ -135,7 +64,6 @@ def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> di
 def measure(recipe_path: Path, report, steps: int = 4) -> dict:
     from training import recipe as recipes
     from training.memory import CUDA_CONTEXT_GIB, estimate_recipe, find_arch
-    from training.train import launch
 
     cfg = recipes.load(recipe_path)
     arch = find_arch(cfg.get("base_model"))

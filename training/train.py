@@ -6,40 +6,14 @@ overrides that fail loudly on unknown keys, the private environment, and all CPU
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from training import recipe as recipes
+from training.axolotl import GUARD, launch
 from training.errors import LoftError
-from training.paths import REPO
 
 HELP = "Doctor a recipe, then train it with Axolotl and the health guard into runs/<name>/ (--set key=value)."
 EXAMPLE = "loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick"
-
-
-def launch(resolved: Path, log_path: Path | None = None) -> None:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "axolotl.cli.train", str(resolved)]
-    log = open(log_path, "w") if log_path else None
-    try:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # show Axolotl's own progress, keep a copy in train.log
-            sys.stdout.write(line)
-            if log:
-                log.write(line)
-        rc = proc.wait()
-    finally:
-        if log:
-            log.close()
-    if rc != 0:
-        where = f"; see {log_path}" if log_path else ""
-        raise LoftError(f"Axolotl training failed (exit {rc}){where}", code=rc if rc > 0 else 1)
-
-
-GUARD = "training.guard.HealthGuardPlugin"
 
 
 def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None, check: bool = True) -> Path:
