@@ -32,15 +32,14 @@ from importlib import metadata
 from pathlib import Path
 
 from training import recipe as recipes
-from training.errors import LoftError
+from training.arch import shipped_config, shipped_names
 from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
-from training.memory import normalize
+from training.errors import LoftError
 from training.paths import REPO, RUNS
 
 HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs a hand-written TRL baseline."
 EXAMPLE = "loft bench speed recipes/qwen2.5-7b/qlora-sft-8gb.yaml --cap-gib 12 --steps 8 --warmup 2 --vs baseline"
 
-ARCHS = REPO / "training" / "archs"
 BENCH = RUNS / "bench-speed"
 GIB = 2**30
 
@@ -65,25 +64,12 @@ def resolve_arch(base_model: str, arch: str | None = None) -> tuple[str, dict]:
         return "tiny", dict(TINY)
     if arch and Path(arch).is_file():
         return Path(arch).stem, json.loads(Path(arch).read_text())
-    want = normalize(arch or base_model)
-    for path in sorted(ARCHS.glob("*.json")):
-        if normalize(path.stem) == want:
-            return path.stem, json.loads(path.read_text())
-    known = ", ".join(sorted(p.stem for p in ARCHS.glob("*.json")))
+    path = shipped_config(arch or base_model)
+    if path:
+        return path.stem, json.loads(path.read_text())
+    known = ", ".join(shipped_names())
     raise LoftError(f"no architecture for `{arch or base_model}`; pass --arch tiny, --arch PATH/config.json "
                     f"or one of: {known}")
-
-
-def n_params(cfg: dict) -> int:
-    """Parameters of a Llama/Qwen2/Mistral-shaped decoder, from its config (Qwen2 has q/k/v biases)."""
-    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    head = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head, cfg["num_key_value_heads"] * head
-    bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
-    attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if bias else 0)
-    layer = attn + 3 * h * inter + 2 * h
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return layers * layer + embed + h
 
 
 def peak_tflops(device: str) -> float | None:

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 
-QUANTIZED_NAME = re.compile(r"(bnb-4bit|4bit|-awq|gptq|int4|int8|-8bit|nf4)", re.I)
+from training.arch import quantized_name
 
 
 def effective_batch(cfg: dict) -> int:
@@ -61,7 +61,7 @@ def check(cfg: dict, report, arch, est):
 
     # L201 pre-quantized base
     base = str(cfg.get("base_model") or "")
-    if adapter in ("lora", "qlora") and (QUANTIZED_NAME.search(base) or (arch and arch.quantized)):
+    if adapter in ("lora", "qlora") and (quantized_name(base) or (arch and arch.quantized)):
         why = "its config.json has a quantization_config" if arch and arch.quantized else "its name says so"
         report.add("LOFT-L201", "warning", f"base_model `{base}` is pre-quantized ({why}): the adapter will be "
                    "merged (`loft merge`) onto a quantized copy, and the merged model loses precision",

@@ -11,18 +11,16 @@
 The per-token and logits constants are fitted to peaks measured on an H100 (calibration_points() below: the
 shared/gpu-host README's points, `loft doctor --measure` runs and recipe runs committed in benchmarks/results/);
 `python -m training.memory` prints estimate vs measured (the table in benchmarks/MEMORY.md).
-Architectures come from training/archs/*.json (see its README) or the base model's local config.json.
+Architectures come from training/arch.py (training/archs/*.json or the base model's local config.json).
 """
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from training.arch import Arch, find_arch
 from training.paths import REPO
 
-ARCHS = Path(__file__).resolve().parent / "archs"
 GIB = 1024**3
 
 # Usable memory as the driver reports it (nvidia-smi total), GiB.
@@ -52,103 +50,6 @@ OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
 DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.dpo (which imports it from here)
 CHUNK_BUFFERS = 3  # fitted (2 runs, T3): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
-
-
-@dataclass
-class Arch:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    source: str = ""
-    quantized: dict | None = None  # the config's quantization_config (a pre-quantized checkpoint)
-
-    @classmethod
-    def from_config(cls, cfg: dict, name: str, source: str) -> "Arch":
-        text = cfg.get("text_config") or cfg  # multimodal wrappers keep the LM in text_config
-        heads = text["num_attention_heads"]
-        hidden = text["hidden_size"]
-        return cls(
-            name=name,
-            hidden=hidden,
-            intermediate=text["intermediate_size"],
-            layers=text["num_hidden_layers"],
-            heads=heads,
-            kv_heads=text.get("num_key_value_heads") or heads,
-            head_dim=text.get("head_dim") or hidden // heads,
-            vocab=text["vocab_size"],
-            tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            source=source,
-            quantized=cfg.get("quantization_config"),
-        )
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each projection in one decoder layer."""
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def params(self) -> int:
-        return self.linear_params + self.embed_params + (2 * self.layers + 1) * self.hidden
-
-
-# ---------------------------------------------------------------- architecture lookup
-VARIANT_WORDS = {"instruct", "it", "chat", "hf", "bnb", "4bit", "8bit", "unsloth", "awq", "gptq", "int4", "int8",
-                 "base", "dynamic"}
-
-
-def normalize(name: str) -> str:
-    """'unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit' -> 'llama-3.1-8b' (variants share an architecture)."""
-    base = name.rstrip("/").split("/")[-1].lower()
-    base = base.removeprefix("meta-")
-    return "-".join(w for w in base.split("-") if w not in VARIANT_WORDS)
-
-
-def hub_cache_config(repo_id: str) -> Path | None:
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    snaps = hub / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    found = sorted(snaps.glob("*/config.json")) if snaps.is_dir() else []
-    return found[-1] if found else None
-
-
-def find_arch(base_model: str) -> Arch | None:
-    """The architecture of `base_model`: local folder, HF cache, then training/archs/ by name."""
-    if not base_model or not isinstance(base_model, str):
-        return None
-    for root in (Path.cwd(), REPO):
-        path = Path(base_model).expanduser()
-        path = path if path.is_absolute() else root / path
-        if (path / "config.json").is_file():
-            return _load(path / "config.json", base_model)
-    cached = hub_cache_config(base_model) if "/" in base_model else None
-    if cached:
-        return _load(cached, base_model)
-    want = normalize(base_model)
-    for file in sorted(ARCHS.glob("*.json")):
-        if normalize(file.stem) == want:
-            return _load(file, base_model)
-    return None
-
-
-def _load(path: Path, name: str) -> Arch | None:
-    try:
-        return Arch.from_config(json.loads(path.read_text()), name, str(path))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 # ---------------------------------------------------------------- what the recipe asks for

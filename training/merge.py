@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from training.arch import QUANT_NAME, quantized_name
 from training.errors import LoftError
 from training.paths import MERGED, RECIPES, REPO
 
@@ -67,8 +68,6 @@ BUILTIN_CHATS = [
     ("How many minutes are in a day?", "There are 24 × 60 = 1,440 minutes in a day."),
 ]
 
-# Names of pre-quantized checkpoints: `-bnb-4bit`, `-4bit`, `-GPTQ`, `-AWQ`, `-int4` ... (unsloth, TheBloke, Qwen).
-QUANT_NAME = re.compile(r"[-_.](bnb|4bit|8bit|gptq|awq|int4|int8|nf4|fp4|exl2)(?=[-_.]|$)", re.IGNORECASE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -117,7 +116,7 @@ def quantized(name: str, config: dict | None) -> str | None:
     method = quant.get("quant_method") or ("bitsandbytes" if quant.get("load_in_4bit") else None)
     if method:
         return f"pre-quantized ({method})"
-    return "by its name pre-quantized" if QUANT_NAME.search(Path(name).name) else None
+    return "by its name pre-quantized" if quantized_name(name) else None
 
 
 def refuse_quantized(name: str, config: dict | None) -> None:
