@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 
 from training import recipe as recipes
+from training.recipe import RecipeFacts
 from training.arch import shipped_config, shipped_names
 from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
@@ -141,8 +142,8 @@ PLUGIN = "benchmarks.speed_probe.SpeedPlugin"
 
 
 def task_of(cfg: dict) -> str:
-    rl = cfg.get("rl")
-    if rl in (None, False):
+    rl = RecipeFacts.of(cfg).rl
+    if rl is None:
         return "sft"
     if rl == "dpo":
         return "dpo"
@@ -192,16 +193,17 @@ def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
 def baseline_command(cfg: dict, model_dir: Path, tokenizer: Path, data: Path, out: Path, total_steps: int, grad_accum: int,
                      cap_gib, profile_step) -> list[str]:
     """The recipe's hyperparameters as flags of benchmarks/baseline_trl.py."""
+    facts = RecipeFacts.of(cfg)
     cmd = [sys.executable, "-m", "benchmarks.baseline_trl", "--task", task_of(cfg), "--model", str(model_dir),
-           "--tokenizer", str(tokenizer), "--data", str(data), "--out", str(out), "--seq-len", str(cfg["sequence_len"]),
+           "--tokenizer", str(tokenizer), "--data", str(data), "--out", str(out), "--seq-len", str(facts.sequence_len),
            "--micro-batch", str(cfg.get("micro_batch_size", 1)), "--grad-accum", str(grad_accum),
            "--steps", str(total_steps), "--learning-rate", str(cfg.get("learning_rate", 2e-4)),
            "--optimizer", str(cfg.get("optimizer", "adamw_torch")), "--lora-r", str(cfg.get("lora_r", 16)),
            "--lora-alpha", str(cfg.get("lora_alpha", 32)), "--lora-dropout", str(cfg.get("lora_dropout", 0.0)),
            "--beta", str(cfg.get("rl_beta") or (cfg.get("trl") or {}).get("beta") or 0.1), "--pad-id", str(PAD_ID)]
-    if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora":
+    if facts.bits == 4:
         cmd.append("--load-in-4bit")
-    elif cfg.get("load_in_8bit"):
+    elif facts.bits == 8:
         cmd.append("--load-in-8bit")
     if cfg.get("gradient_checkpointing"):
         cmd.append("--gradient-checkpointing")
@@ -326,7 +328,7 @@ def run(args) -> int:
         raise LoftError("--cap-gib must be a positive number of GiB (e.g. 12); --baseline-cap-gib 0 lifts the "
                         "baseline's cap, and no cap is below 0")
     cfg = recipes.apply_overrides(recipes.load(args.recipe), args.overrides)
-    if "sequence_len" not in cfg:
+    if not RecipeFacts.of(cfg).sequence_len_set:
         raise LoftError(f"{args.recipe} sets no sequence_len; the benchmark needs one")
     task = task_of(cfg)
     arch_name, arch = resolve_arch(str(cfg.get("base_model", "")), args.arch)
@@ -337,7 +339,7 @@ def run(args) -> int:
     profile_step = total if args.profile else None
 
     # Data: enough rows for the Loft run's tokens per step, times the steps, with a margin.
-    seq, mb, ga = cfg["sequence_len"], cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
+    seq, mb, ga = RecipeFacts.of(cfg).sequence_len, cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
     mean = sum(row_lengths(256, args.data, seq)) / 256
     packed = bool(cfg.get("sample_packing")) and task == "sft"
     loft_step_tokens = mb * ga * (seq if packed else mean)

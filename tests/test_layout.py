@@ -70,3 +70,47 @@ def test_no_import_cycle():
     assert graph["training.train"], "the walker found no imports at all"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The recipe keys that decide what kind of run a recipe is: training.recipe.RecipeFacts reads them, nobody else.
+DECIDED = {"adapter", "load_in_4bit", "load_in_8bit", "rl", "sequence_len", "liger_fused_linear_cross_entropy",
+           "liger_rms_norm", "liger_glu_activation", "cut_cross_entropy", "deepspeed", "fsdp", "fsdp_config"}
+# Reads of those names that are not a recipe: (module, the mapping read, why).
+NOT_A_RECIPE = {
+    ("training.merge", "quant"): "a checkpoint's quantization_config",
+    ("training.merge", "report"): "the merge report",
+    ("benchmarks.speed_figures", "r['data']"): "a benchmark result's data section",
+}
+
+
+def raw_reads(tree: ast.Module) -> list[tuple[int, str, str]]:
+    """(line, mapping, key) for every `x.get("key"...)` and `x["key"]` read of a DECIDED key."""
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in DECIDED):
+            found.append((node.lineno, ast.unparse(node.func.value), node.args[0].value))
+        elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load)
+              and isinstance(node.slice, ast.Constant) and node.slice.value in DECIDED):
+            found.append((node.lineno, ast.unparse(node.value), node.slice.value))
+        elif (isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) and node.left.value in DECIDED
+              and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)):
+            found.append((node.lineno, ast.unparse(node.comparators[0]), node.left.value))
+    return found
+
+
+def test_the_reader_sees_raw_reads():
+    tree = ast.parse("a = cfg.get('rl')\nb = cfg['sequence_len']\nc = 'adapter' in cfg\ncfg['rl'] = 'dpo'\n")
+    assert [(line, key) for line, _, key in sorted(raw_reads(tree))] == [(1, "rl"), (2, "sequence_len"), (3, "adapter")]
+
+
+def test_recipe_facts_are_read_in_one_module():
+    offenders = []
+    for name, tree in modules().items():
+        if name == "training.recipe":
+            continue
+        for line, mapping, key in raw_reads(tree):
+            if (name, mapping.replace('"', "'")) not in NOT_A_RECIPE:
+                offenders.append(f"{name.replace('.', '/')}.py:{line}: {mapping}[{key!r}]")
+    assert not offenders, ("read these through training.recipe.RecipeFacts.of(cfg) (add the fact there if it is "
+                           "missing):\n" + "\n".join(offenders))

@@ -218,7 +218,9 @@ def _dataset_keys(cfg: dict, report: Report):
     def fields(model) -> set[str]:
         return set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
 
-    rl = cfg.get("rl")
+    from training.recipe import RecipeFacts
+
+    rl = RecipeFacts.of(cfg).rl
     default = fields(DPODataset if rl in ("dpo", "ipo", "simpo") else KTODataset if rl == "kto" else SFTDataset)
     synthetic = fields(SyntheticDataset)
     for section in ("datasets", "test_datasets"):

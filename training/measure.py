@@ -20,6 +20,7 @@ import yaml
 from training.axolotl import DROP, GUARD, SPECIALS, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
 from training.paths import RUNS
+from training.recipe import RecipeFacts
 
 
 def require_cuda() -> None:
@@ -43,10 +44,11 @@ def preference_rows(path: Path, seq: int, rows: int) -> Path:
 
 def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> dict:
     run = {k: v for k, v in cfg.items() if k not in DROP}
-    seq = cfg.get("sequence_len") or 2048
+    facts = RecipeFacts.of(cfg)
+    seq = facts.sequence_len
     batch = (cfg.get("micro_batch_size") or 1) * (cfg.get("gradient_accumulation_steps") or 1)
     rows = max(16, 2 * steps * batch)
-    if cfg.get("rl"):
+    if facts.rl:
         data = preference_rows(work / "pairs.jsonl", seq, rows)
         run["datasets"] = [{"path": str(data), "split": "train", "type": "chatml.default"}]
     else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from training.arch import Arch, find_arch
 from training.paths import REPO
+from training.recipe import RecipeFacts
 
 GIB = 1024**3
 
@@ -77,6 +78,8 @@ class Setup:
     fused_ce: bool = False
     liger_layers: bool = False
     rl: str | None = None
+    paired: bool = False  # chosen and rejected: two sequences per row
+    reference: bool = False  # DPO/IPO compare with a reference model
     separate_reference: bool = False  # DPO/IPO without an adapter loads the model twice
     precompute_ref: bool = False  # reference log-probs computed once before training
     chunked_logps: bool = False  # training.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
@@ -89,11 +92,9 @@ class Setup:
             value = cfg.get(key)
             return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else default
 
+        facts = RecipeFacts.of(cfg)
         plugins = [p for p in cfg.get("plugins") or [] if isinstance(p, str)]
-        liger = any("liger" in p.lower() for p in plugins)
-        cce = any("cut_cross_entropy" in p for p in plugins) and cfg.get("cut_cross_entropy", True) is not False
-        quant = "4bit" if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora" else (
-            "8bit" if cfg.get("load_in_8bit") else "none")
+        quant = {4: "4bit", 8: "8bit"}.get(facts.bits, "none")
         bnb = cfg.get("bnb_config_kwargs") if isinstance(cfg.get("bnb_config_kwargs"), dict) else {}
         full_precision = not (_on(cfg.get("bf16")) or _on(cfg.get("fp16")))
         targets = cfg.get("lora_target_modules") or []
@@ -105,25 +106,27 @@ class Setup:
             quant=quant,
             double_quant=bnb.get("bnb_4bit_use_double_quant", True) is not False,
             dtype_bytes=4 if full_precision and quant == "none" else 2,
-            adapter=cfg.get("adapter") if cfg.get("adapter") in ("lora", "qlora") else None,
+            adapter=facts.adapter,
             lora_r=int(num("lora_r", 8)),
             lora_targets=targets,
             lora_dropout=float(num("lora_dropout", 0.0)),
             modules_to_save=[m for m in cfg.get("lora_modules_to_save") or [] if isinstance(m, str)],
             optimizer=str(cfg.get("optimizer") or "adamw_torch_fused"),
-            seq=int(num("sequence_len", 2048)),
+            seq=facts.sequence_len,
             micro_batch=int(num("micro_batch_size", 1)),
             checkpointing=bool(gc) and gc not in ("false", "False"),
             offload=offloaded_share(cfg.get("activation_offloading"), gc),
-            fused_ce=(liger and bool(cfg.get("liger_fused_linear_cross_entropy"))) or cce,
-            liger_layers=liger and bool(cfg.get("liger_rms_norm") or cfg.get("liger_glu_activation")),
-            rl=cfg.get("rl") if isinstance(cfg.get("rl"), str) else None,
-            separate_reference=cfg.get("rl") in ("dpo", "ipo") and cfg.get("adapter") not in ("lora", "qlora"),
+            fused_ce=facts.fused_cross_entropy,
+            liger_layers=facts.liger_layers,
+            rl=facts.rl,
+            paired=facts.paired,
+            reference=facts.reference,
+            separate_reference=facts.reference and not facts.adapter,
             precompute_ref=bool(cfg.get("precompute_ref_log_probs")),
-            chunked_logps=str(cfg.get("trainer_cls") or "").endswith("LoftDPOTrainer") and cfg.get("rl") in ("dpo", "ipo"),
+            chunked_logps=str(cfg.get("trainer_cls") or "").endswith("LoftDPOTrainer") and facts.reference,
             # PEFT's prepare_model_for_kbit_training (Axolotl runs it for k-bit adapters) upcasts every unquantized
             # weight to fp32; Axolotl converts them back, and skips the embeddings with embeddings_skip_upcast (4-bit)
-            upcast_embeddings=quant != "none" and cfg.get("adapter") in ("lora", "qlora")
+            upcast_embeddings=quant != "none" and facts.adapter is not None
             and not (quant == "4bit" and _on(cfg.get("embeddings_skip_upcast"))),
             plugins=plugins,
         )
@@ -222,7 +225,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         trainable += state
 
     # activations, per token of one micro-batch (DPO runs chosen and rejected: twice the tokens)
-    tokens = s.seq * s.micro_batch * (2 if s.rl in ("dpo", "ipo", "orpo", "simpo") else 1)
+    tokens = s.seq * s.micro_batch * (2 if s.paired else 1)
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     layer = 4 * h + (q + 2 * kv) + (q + kv) + q + 4 * i  # norms, qkv, rope, attention out, SwiGLU
     # LoRA dropout copies of the projections' inputs did not show in the host's peaks (with and without
@@ -293,7 +296,7 @@ def remedies(cfg: dict) -> list[tuple[str, dict]]:
     out = []
     if not s.checkpointing:
         out.append(("enable gradient checkpointing (~20% slower)", {"gradient_checkpointing": True}))
-    if s.rl in ("dpo", "ipo") and not s.chunked_logps:
+    if s.reference and not s.chunked_logps:
         out.append(("Loft's DPO trainer: LM head in chunks over completion tokens, no full logits",
                     {"trainer_cls": "training.dpo.LoftDPOTrainer"}))
     if s.upcast_embeddings and s.quant == "4bit":

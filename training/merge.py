@@ -32,6 +32,7 @@ import yaml
 from training.arch import QUANT_NAME, quantized_name
 from training.errors import LoftError
 from training.paths import MERGED, RECIPES, REPO
+from training.recipe import RecipeFacts
 
 HELP = "Merge a LoRA adapter into its full-precision base shard by shard, and verify the merge against PEFT."
 EXAMPLE = "loft merge --adapter runs/smollm2-135m-lora-cpu/adapter --out merged_models/smollm2-shakespeare"
@@ -553,7 +554,7 @@ class NF4:
 
 
 def quant_settings(recipe: dict) -> dict | None:
-    if not recipe.get("load_in_4bit"):
+    if RecipeFacts.of(recipe).bits != 4:
         return None
     kw = recipe.get("bnb_config_kwargs") or {}
     return {"quant_type": kw.get("bnb_4bit_quant_type", "nf4"),
