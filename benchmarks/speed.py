@@ -36,7 +36,7 @@ from training.recipe import RecipeFacts
 from training.arch import shipped_config, shipped_names
 from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
-from training.paths import REPO, RUNS
+from training.paths import REPO, RUNS, RunDir
 
 HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs a hand-written TRL baseline."
 EXAMPLE = "loft bench speed recipes/qwen2.5-7b/qlora-sft-8gb.yaml --cap-gib 12 --steps 8 --warmup 2 --vs baseline"
@@ -172,22 +172,23 @@ def read_result(path: Path, log: Path, runner: str) -> dict:
 
 def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
     run_dir = work / "loft"
+    run = RunDir(run_dir)
     out = run_dir / "speed.json"
     out.unlink(missing_ok=True)
-    cfg = dict(cfg, output_dir=str(run_dir / "adapter"), dataset_prepared_path=str(run_dir / "prepared"))
+    cfg = dict(cfg, output_dir=str(run.adapter), dataset_prepared_path=str(run.prepared))
     resolved = recipes.write(cfg, run_dir, recipe)
-    print(f"loft bench speed: loft (Axolotl) -> {run_dir / 'train.log'}", flush=True)
+    print(f"loft bench speed: loft (Axolotl) -> {run.train_log}", flush=True)
     saved = dict(os.environ)
     os.environ.update(env)
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Axolotl's output: train.log
-            launch(resolved, run_dir / "train.log")
+            launch(resolved, run.train_log)
     except LoftError:
         pass  # an out-of-memory crash left a "does_not_fit" record; anything else is reported as an error
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return read_result(out, run_dir / "train.log", "loft")
+    return read_result(out, run.train_log, "loft")
 
 
 def baseline_command(cfg: dict, model_dir: Path, tokenizer: Path, data: Path, out: Path, total_steps: int, grad_accum: int,
@@ -221,7 +222,7 @@ def run_baseline(cmd: list[str], work: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = Path(cmd[cmd.index("--out") + 1])
     out.unlink(missing_ok=True)
-    log = run_dir / "train.log"
+    log = RunDir(run_dir).train_log
     print(f"loft bench speed: baseline (TRL) -> {log}", flush=True)
     with log.open("w") as fh:
         fh.write(" ".join(cmd) + "\n")

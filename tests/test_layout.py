@@ -114,3 +114,32 @@ def test_recipe_facts_are_read_in_one_module():
                 offenders.append(f"{name.replace('.', '/')}.py:{line}: {mapping}[{key!r}]")
     assert not offenders, ("read these through training.recipe.RecipeFacts.of(cfg) (add the fact there if it is "
                            "missing):\n" + "\n".join(offenders))
+
+
+def run_dir_spellings(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, name) for every file name of a run folder written out as a string, and every run-folder sub-folder
+    name joined onto a path (`x / "adapter"`) or compared with a folder's name."""
+    from training.paths import RunDir
+
+    names = {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str) and "*" not in v}
+    files = {name for name in names if "." in name}
+    folders = {RunDir.ADAPTER, RunDir.PREPARED, RunDir.FIGURES}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in files:
+            found.append((node.lineno, node.value))
+        operands = ([node.left, node.right] if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) else
+                    [node.left, *node.comparators] if isinstance(node, ast.Compare) else [])
+        found += [(o.lineno, o.value) for o in operands if isinstance(o, ast.Constant) and o.value in folders]
+    return found
+
+
+def test_the_reader_sees_run_dir_spellings():
+    tree = ast.parse("a = run / 'adapter'\nb = run / 'train.log'\nc = d.name == 'adapter'\ne = {'adapter': 1}\n")
+    assert sorted(run_dir_spellings(tree)) == [(1, "adapter"), (2, "train.log"), (3, "adapter")]
+
+
+def test_run_folder_names_come_from_run_dir():
+    offenders = [f"{name.replace('.', '/')}.py:{line}: {spelled!r}" for name, tree in modules().items()
+                 if name != "training.paths" for line, spelled in run_dir_spellings(tree)]
+    assert not offenders, "use training.paths.RunDir for these run-folder names:\n" + "\n".join(offenders)

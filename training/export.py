@@ -35,6 +35,7 @@ from pathlib import Path
 
 from training import llama_cpp
 from training.errors import LoftError
+from training.paths import RunDir
 
 HELP = "Convert a merged model to GGUF (F16 + quants) with llama.cpp, with sizes and perplexity vs F16."
 EXAMPLE = "loft export merged_models/smollm2-shakespeare --quants f16,q8_0,q4_k_m"
@@ -62,7 +63,7 @@ DISK_MARGIN = 1.10  # on top of the estimate
 DISK_SLACK = 64 << 20  # bytes, for metadata, logs and filesystem overhead
 PPL_CTX = 128
 PPL_CHUNKS = 16
-REPORT = "export-report.json"
+REPORT = RunDir.EXPORT_JSON
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+|nan|inf)(?: \+/- ([0-9.]+|nan|inf))?")
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from training.axolotl import DROP, GUARD, SPECIALS, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
-from training.paths import RUNS
+from training.paths import RUNS, RunDir
 from training.recipe import RecipeFacts
 
 
@@ -43,7 +43,7 @@ def preference_rows(path: Path, seq: int, rows: int) -> Path:
 
 
 def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> dict:
-    run = {k: v for k, v in cfg.items() if k not in DROP}
+    run, folder = {k: v for k, v in cfg.items() if k not in DROP}, RunDir(work)
     facts = RecipeFacts.of(cfg)
     seq = facts.sequence_len
     batch = (cfg.get("micro_batch_size") or 1) * (cfg.get("gradient_accumulation_steps") or 1)
@@ -56,7 +56,7 @@ def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> di
                             "max_input_id": len(SPECIALS) + WORDS - 1, "seed": 0}]
     plugins = [p for p in cfg.get("plugins") or [] if p != GUARD]
     run.update(base_model=str(model_dir), max_steps=steps, num_epochs=1, save_strategy="no", eval_strategy="no",
-               output_dir=str(work / "out"), dataset_prepared_path=str(work / "prepared"), logging_steps=1,
+               output_dir=str(folder.measure_out), dataset_prepared_path=str(folder.prepared), logging_steps=1,
                plugins=plugins + [GUARD], loft_guard_min_improvement=0,
                loft_guard_action="warn", tokenizer_config=str(word_tokenizer()),
                chat_template="tokenizer_default")
@@ -74,21 +74,21 @@ def measure(recipe_path: Path, report, steps: int = 4) -> dict:
         raise LoftError(f"--measure needs the architecture of `{cfg.get('base_model')}`: add its config.json to "
                         "training/archs/")
     work = RUNS / "doctor-measure" / recipes.default_run_name(Path(recipe_path))
+    folder = RunDir(work)
     work.mkdir(parents=True, exist_ok=True)
     print(f"loft doctor --measure: random-initialised {arch.name} ({arch.params / 1e9:.2f} B) → {work}", flush=True)
     source = Path(arch.source)
     model_name = source.parent.name if source.stem == "config" else source.stem
     model_dir = random_model(model_name, json.loads(source.read_text()))
     run = measurement_recipe(cfg, model_dir, work, steps)
-    resolved = work / "recipe.yaml"
+    resolved = folder.recipe
     resolved.write_text(f"# loft doctor --measure of {recipe_path}\n" + yaml.safe_dump(run, sort_keys=False))
-    if (work / "out" / "health.json").exists():
-        (work / "out" / "health.json").unlink()
-    launch(resolved, work / "train.log")
-    health = work / "out" / "health.json"
+    folder.measure_health.unlink(missing_ok=True)
+    launch(resolved, folder.train_log)
+    health = folder.measure_health
     mem = json.loads(health.read_text()).get("memory") if health.exists() else None
     if not mem:
-        raise LoftError(f"the measurement run wrote no memory record ({health}); see {work / 'train.log'}")
+        raise LoftError(f"the measurement run wrote no memory record ({health}); see {folder.train_log}")
     est = estimate_recipe(cfg, arch)
     # the guard's peak is training's (from the trainer's start); loading's is estimated apart (est.loading)
     err = 100 * (est.training - mem["peak_allocated_gib"]) / mem["peak_allocated_gib"]
@@ -98,6 +98,6 @@ def measure(recipe_path: Path, report, steps: int = 4) -> dict:
           f"{mem['peak_reserved_gib']:.2f} reserved + {CUDA_CONTEXT_GIB} CUDA context")
     result = {"measured": mem, "estimate_allocated_gib": round(est.training, 3), "error_pct": round(err, 1),
               "steps": steps, "recipe": str(recipe_path), "arch": model_name, "config": cfg}
-    (work / "measure.json").write_text(json.dumps(result, indent=2))
+    folder.measure_json.write_text(json.dumps(result, indent=2))
     report.memory = {**(report.memory or {}), "measured": result}
     return result

@@ -31,7 +31,7 @@ import yaml
 
 from training.arch import QUANT_NAME, quantized_name
 from training.errors import LoftError
-from training.paths import MERGED, RECIPES, REPO
+from training.paths import MERGED, RECIPES, REPO, RunDir
 from training.recipe import RecipeFacts
 
 HELP = "Merge a LoRA adapter into its full-precision base shard by shard, and verify the merge against PEFT."
@@ -158,7 +158,7 @@ def resolve_base(name: str) -> Path:
 
 def find_recipe(adapter_dir: Path) -> Path | None:
     """The resolved recipe `loft train` wrote beside the adapter, else a recipe whose output_dir is this adapter."""
-    for path in (adapter_dir.parent / "recipe.yaml", adapter_dir / "recipe.yaml", adapter_dir / "axolotl_config.yaml"):
+    for path in (adapter_dir.parent / RunDir.RECIPE, adapter_dir / RunDir.RECIPE, adapter_dir / "axolotl_config.yaml"):
         if path.is_file():
             return path
     for path in sorted(RECIPES.glob("**/*.yaml")):
@@ -173,7 +173,7 @@ def find_recipe(adapter_dir: Path) -> Path | None:
 
 
 def default_out(adapter_dir: Path) -> Path:
-    name = adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name
+    name = adapter_dir.parent.name if adapter_dir.name == RunDir.ADAPTER else adapter_dir.name
     return MERGED / name
 
 
@@ -685,8 +685,8 @@ def merge(adapter_dir, out_dir=None, base=None, dtype="bf16", force=False, verif
             raise MergeRejected(f"verification failed ({'; '.join(report['failures'])}); merged weights deleted, "
                                 f"report in {rejected['md']}; check that --base is the model the adapter was "
                                 "trained on", report)
-        (tmp / "merge-report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "merge-report.md").write_text(summary + "\n")
+        (tmp / RunDir.MERGE_JSON).write_text(json.dumps(report, indent=2))
+        (tmp / RunDir.MERGE_MD).write_text(summary + "\n")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)

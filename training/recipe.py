@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from training.errors import LoftError
-from training.paths import RUNS
+from training.paths import RunDir
 
 
 # Preference losses: datasets of (prompt, chosen, rejected) or KTO's labelled completions instead of chats. All but
@@ -194,15 +194,15 @@ def default_run_name(recipe: Path) -> str:
 def resolve(recipe: Path, name: str | None, overrides: list[str]) -> tuple[Path, dict]:
     """Return (run_dir, resolved cfg) with outputs pointed into runs/<name>/."""
     cfg = apply_overrides(load(recipe), overrides)
-    run_dir = RUNS / (name or default_run_name(recipe))
-    cfg["output_dir"] = str(run_dir / "adapter")
-    cfg["dataset_prepared_path"] = str(run_dir / "prepared")
-    return run_dir, cfg
+    run = RunDir.named(name or default_run_name(recipe))
+    cfg["output_dir"] = str(run.adapter)
+    cfg["dataset_prepared_path"] = str(run.prepared)
+    return run.path, cfg
 
 
 def write(cfg: dict, run_dir: Path, recipe: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "recipe.yaml"
+    out = RunDir(run_dir).recipe
     header = f"# Resolved by loft from {recipe} (overrides applied). Axolotl trained this exact file.\n"
     out.write_text(header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     return out
