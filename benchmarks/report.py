@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from training.errors import LoftError
+from training.export import human_bytes
 from training.paths import RunDir
 
 HELP = "Write RUN_DIR/report.md and report.html (loss curves, benchmark scores, samples) from saved results."
@@ -127,13 +128,6 @@ def fmt_ci(ci, spec="{:.1f}") -> str:
     return f"[{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]" if ci and ci[0] is not None else "–"
 
 
-def _size(n) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
 def style_section(style: dict, figures: Path) -> list[str]:
     scores = style["scores"]
     names = list(scores)
@@ -198,7 +192,7 @@ def merge_section(merge: dict) -> list[str]:
 
 
 def export_section(export: dict) -> list[str]:
-    rows = [[f["quant"], _size(f["bytes"]), fmt(f.get("ppl"), "{:.3f}"),
+    rows = [[f["quant"], human_bytes(f["bytes"]), fmt(f.get("ppl"), "{:.3f}"),
              fmt(100 * f["ppl_vs_f16"], "{:+.2f}%") if f.get("ppl_vs_f16") is not None else "–",
              f.get("file") or "(not kept)"] for f in export["files"]]
     text = (export.get("eval") or {}).get("text")

@@ -28,11 +28,11 @@ import shlex
 import subprocess
 import sys
 from datetime import date
-from importlib import metadata
 from pathlib import Path
 
 from training import recipe as recipes
 from training.recipe import RecipeFacts
+from training.versions import installed
 from training.arch import shipped_config, shipped_names
 from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
@@ -260,13 +260,7 @@ def estimated_gib(cfg: dict) -> float | None:
 
 
 def versions() -> dict:
-    out = {}
-    for pkg in ("torch", "transformers", "axolotl", "peft", "trl", "bitsandbytes", "liger-kernel", "accelerate"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return installed(("torch", "transformers", "axolotl", "peft", "trl", "bitsandbytes", "liger-kernel", "accelerate"))
 
 
 def line(r: dict) -> str:

@@ -46,10 +46,10 @@ FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy 
 # Share of the checkpointed layer inputs each Axolotl 0.19 `activation_offloading` mode takes off the GPU. true/disk:
 # TRL's stream offloader (it replaces recomputation and keeps several tensors resident), fitted at 16,384 tokens;
 # hidden_states: the checkpointed inputs themselves (recomputation kept; +4.5/+5.0% at 20K/24K); legacy (synchronous)
-# offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B, T4.
+# offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B QLoRA, long rows in 12 GiB.
 OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
 DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.dpo (which imports it from here)
-CHUNK_BUFFERS = 3  # fitted (2 runs, T3): fp32 logits, the entropy metric's softmax or the gradient, a temporary
+CHUNK_BUFFERS = 3  # fitted (2 DPO runs): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
 
 
@@ -255,7 +255,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     if s.upcast_embeddings:  # every embedding matrix in fp32 (2 B more each), the last one cast still in bf16 too
         matrices = 1 if arch.tied else 2
         loading = (weights + (2 * matrices + 2) * V * h) / GIB
-        if loading > sum(parts.values()) / GIB:  # measured 8.23 GiB for Qwen2.5-7B QLoRA (benchmarks/RESULTS.md, T3)
+        if loading > sum(parts.values()) / GIB:  # measured 8.23 GiB for Qwen2.5-7B QLoRA (benchmarks/RESULTS.md, DPO)
             notes.append(f"loading peaks at {loading:.2f} GiB, above training: Axolotl upcasts the embeddings to "
                          "fp32 while preparing the k-bit model; `embeddings_skip_upcast: true` avoids it (4-bit)")
     return Estimate(arch, s, {k: v / GIB for k, v in parts.items()}, notes, loading)
@@ -347,7 +347,6 @@ _QLORA = {"adapter": "qlora", "load_in_4bit": True, "bf16": True, "lora_r": 16, 
           "micro_batch_size": 1, "gradient_accumulation_steps": 8, "sample_packing": True}
 _LIGER = {"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True,
           "liger_rms_norm": True, "liger_glu_activation": True, "liger_rope": True}
-SOURCE = "/work/shared/gpu-host/README.md (one H100 80 GB, 2026-11-22)"
 # (label, recipe, measured peak allocated GiB, what the estimator leaves out)
 CALIBRATION = [
     ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing", {"base_model": QWEN7, **_QLORA, "sequence_len": 1024}, 7.52, ""),
@@ -410,20 +409,6 @@ def calibration_table() -> list[dict]:
         rows.append({"run": label, "source": source, "estimate_gib": round(value, 2), "measured_gib": measured,
                      "error_pct": round(100 * (value - measured) / measured, 1), "caveat": caveat})
     return rows
-
-
-def format_estimate(est: Estimate, gpu: float | None = None, profile: str | None = None) -> str:
-    lines = [f"memory: {est.arch.name} ({est.arch.params / 1e9:.2f} B params, {est.arch.source})"]
-    for name, gib in est.parts.items():
-        lines.append(f"  {name:<36} {gib:6.2f} GiB")
-    if est.loading:
-        lines.append(f"  {'loading (fp32 embedding upcast)':<36} {est.loading:6.2f} GiB")
-    lines.append(f"  {'peak allocated':<36} {est.allocated:6.2f} GiB")
-    lines.append(f"  {'+ allocator slack + CUDA context':<36} {est.needed:6.2f} GiB needed")
-    if gpu:
-        lines.append(f"  verdict on {profile or ''} ({gpu:g} GiB): {est.verdict(gpu)}")
-    lines += [f"  note: {n}" for n in est.notes]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

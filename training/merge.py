@@ -33,6 +33,7 @@ from training.arch import QUANT_NAME, quantized_name
 from training.errors import LoftError
 from training.paths import MERGED, RECIPES, REPO, RunDir
 from training.recipe import RecipeFacts
+from training.versions import installed
 
 HELP = "Merge a LoRA adapter into its full-precision base shard by shard, and verify the merge against PEFT."
 EXAMPLE = "loft merge --adapter runs/smollm2-135m-lora-cpu/adapter --out merged_models/smollm2-shakespeare"
@@ -325,9 +326,7 @@ def sha256(path: Path) -> str:
 
 
 def versions() -> dict:
-    from importlib.metadata import version
-
-    return {pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "loft")}
+    return installed(("torch", "transformers", "peft", "safetensors", "bitsandbytes", "loft"))
 
 
 def clean_stale(out: Path) -> None:

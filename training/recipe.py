@@ -147,10 +147,16 @@ def axolotl_keys(plugins: list[str] | None = None) -> set[str]:
     return keys
 
 
+def closest(key: str, known: set[str]) -> str | None:
+    """The known key a typo most likely meant, if any is close."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
+
+
 def check_key(key: str, known: set[str]) -> None:
     if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        close = closest(key, known)
+        hint = f"; did you mean `{close}`?" if close else ""
         raise LoftError(f"unknown Axolotl key `{key}`{hint}")
 
 
