@@ -308,7 +308,7 @@ def test_missing_quantization_and_kernel_packages(tmp_path, data, monkeypatch):
 
 # ---------------------------------------------------------------- M3xx memory
 def test_estimator_matches_measured_peaks():
-    """Every Axolotl run committed from the GPU host within ±10% (issue #4), at least 8 of them from
+    """Every Axolotl run committed from the GPU host within ±10%, at least 8 of them from
     `loft doctor --measure`; the TRL-only runs (another runner, row lengths not recorded) within 30%."""
     rows = memory.calibration_table()
     for row in rows:

@@ -2,6 +2,7 @@
 hides a cycle from Python but not from a reader who has to know what depends on what)."""
 
 import ast
+import re
 
 from training.paths import REPO
 
@@ -143,3 +144,15 @@ def test_run_folder_names_come_from_run_dir():
     offenders = [f"{name.replace('.', '/')}.py:{line}: {spelled!r}" for name, tree in modules().items()
                  if name != "training.paths" for line, spelled in run_dir_spellings(tree)]
     assert not offenders, "use training.paths.RunDir for these run-folder names:\n" + "\n".join(offenders)
+
+
+# Tracker shorthand a reader of the code cannot decode: "issue #8", "target 4", "T3", a bare "#8".
+SHORTHAND = re.compile(r"(?i:\bissues? #?\d+|\btargets? \d\b)|\bT\d\b|(?<![\w/&])#\d+\b")
+
+
+def test_no_tracker_shorthand_in_code_or_recipes():
+    paths = [*sorted((REPO / "training").rglob("*.py")), *sorted((REPO / "benchmarks").glob("*.py")),
+             *sorted((REPO / "recipes").rglob("*.yaml")), REPO / "recipes" / "README.md"]
+    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in paths
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if SHORTHAND.search(line)]
+    assert not found, "say it in plain words:\n" + "\n".join(found)
