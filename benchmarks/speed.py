@@ -31,12 +31,12 @@ from datetime import date
 from pathlib import Path
 
 from training import recipe as recipes
-from training.recipe import RecipeFacts
-from training.versions import installed
 from training.arch import shipped_config, shipped_names
 from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
 from training.paths import REPO, RUNS, RunDir
+from training.recipe import RecipeFacts
+from training.versions import installed
 
 HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs a hand-written TRL baseline."
 EXAMPLE = "loft bench speed recipes/qwen2.5-7b/qlora-sft-8gb.yaml --cap-gib 12 --steps 8 --warmup 2 --vs baseline"
@@ -334,7 +334,8 @@ def run(args) -> int:
     profile_step = total if args.profile else None
 
     # Data: enough rows for the Loft run's tokens per step, times the steps, with a margin.
-    seq, mb, ga = RecipeFacts.of(cfg).sequence_len, cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
+    seq = RecipeFacts.of(cfg).sequence_len
+    mb, ga = cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
     mean = sum(row_lengths(256, args.data, seq)) / 256
     packed = bool(cfg.get("sample_packing")) and task == "sft"
     loft_step_tokens = mb * ga * (seq if packed else mean)
