@@ -32,17 +32,17 @@ from pathlib import Path
 from benchmarks import peers
 from benchmarks.peers import harness
 from training import recipe as recipes
-from training import train as trainer
+from training.arch import shipped_config, shipped_names
+from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
-from training.measure import DROP, PAD_ID, WORDS, random_model, word_tokenizer
-from training.memory import normalize
-from training.paths import REPO, RUNS
+from training.paths import REPO, RUNS, RunDir
+from training.recipe import RecipeFacts
+from training.versions import installed
 
 HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs TRL, Unsloth, naive TRL."
 EXAMPLE = ("loft bench speed recipes/qwen2.5-7b/qlora-sft-12gb.yaml --cap-gib 12 --steps 4 --warmup 2 "
            "--vs trl,unsloth,naive")
 
-ARCHS = REPO / "training" / "archs"
 BENCH = RUNS / "bench-speed"
 GIB = 2**30
 
@@ -67,25 +67,12 @@ def resolve_arch(base_model: str, arch: str | None = None) -> tuple[str, dict]:
         return "tiny", dict(TINY)
     if arch and Path(arch).is_file():
         return Path(arch).stem, json.loads(Path(arch).read_text())
-    want = normalize(arch or base_model)
-    for path in sorted(ARCHS.glob("*.json")):
-        if normalize(path.stem) == want:
-            return path.stem, json.loads(path.read_text())
-    known = ", ".join(sorted(p.stem for p in ARCHS.glob("*.json")))
+    path = shipped_config(arch or base_model)
+    if path:
+        return path.stem, json.loads(path.read_text())
+    known = ", ".join(shipped_names())
     raise LoftError(f"no architecture for `{arch or base_model}`; pass --arch tiny, --arch PATH/config.json "
                     f"or one of: {known}")
-
-
-def n_params(cfg: dict) -> int:
-    """Parameters of a Llama/Qwen2/Mistral-shaped decoder, from its config (Qwen2 has q/k/v biases)."""
-    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    head = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head, cfg["num_key_value_heads"] * head
-    bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
-    attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if bias else 0)
-    layer = attn + 3 * h * inter + 2 * h
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return layers * layer + embed + h
 
 
 def peak_tflops(device: str) -> float | None:
@@ -157,8 +144,8 @@ PLUGIN = "benchmarks.speed_probe.SpeedPlugin"
 
 
 def task_of(cfg: dict) -> str:
-    rl = cfg.get("rl")
-    if rl in (None, False):
+    rl = RecipeFacts.of(cfg).rl
+    if rl is None:
         return "sft"
     if rl == "dpo":
         return "dpo"
@@ -181,22 +168,23 @@ def bench_config(cfg: dict, model_dir: Path, tokenizer: Path, data: Path, total_
 
 def run_loft(recipe: Path, cfg: dict, work: Path, env: dict) -> dict:
     run_dir = work / "loft"
+    run = RunDir(run_dir)
     out = run_dir / "speed.json"
     out.unlink(missing_ok=True)
-    cfg = dict(cfg, output_dir=str(run_dir / "adapter"), dataset_prepared_path=str(run_dir / "prepared"))
+    cfg = dict(cfg, output_dir=str(run.adapter), dataset_prepared_path=str(run.prepared))
     resolved = recipes.write(cfg, run_dir, recipe)
-    print(f"loft bench speed: loft (Axolotl) -> {run_dir / 'train.log'}", flush=True)
+    print(f"loft bench speed: loft (Axolotl) -> {run.train_log}", flush=True)
     saved = dict(os.environ)
     os.environ.update(env)
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Axolotl's output: train.log
-            trainer.launch(resolved, run_dir / "train.log")
+            launch(resolved, run.train_log)
     except LoftError:
         pass  # an out-of-memory crash left a "does_not_fit" record; anything else is reported as an error
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return harness.read_result(out, run_dir / "train.log", "loft")
+    return harness.read_result(out, run.train_log, "loft")
 
 
 # ---------------------------------------------------------------- report
@@ -298,7 +286,7 @@ def run(args) -> int:
         raise LoftError("--cap-gib must be a positive number of GiB (e.g. 12); --baseline-cap-gib 0 lifts the "
                         "baseline's cap, and no cap is below 0")
     cfg = recipes.apply_overrides(recipes.load(args.recipe), args.overrides)
-    if "sequence_len" not in cfg:
+    if not RecipeFacts.of(cfg).sequence_len_set:
         raise LoftError(f"{args.recipe} sets no sequence_len; the benchmark needs one")
     task = task_of(cfg)
     arch_name, arch = resolve_arch(str(cfg.get("base_model", "")), args.arch)
@@ -309,7 +297,8 @@ def run(args) -> int:
     profile_step = total if args.profile else None
 
     # Data: enough rows for the Loft run's tokens per step, times the steps, with a margin.
-    seq, mb, ga = cfg["sequence_len"], cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
+    seq = RecipeFacts.of(cfg).sequence_len
+    mb, ga = cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
     mean = sum(row_lengths(256, args.data, seq)) / 256
     packed = bool(cfg.get("sample_packing")) and task == "sft"
     loft_step_tokens = mb * ga * (seq if packed else mean)

@@ -52,6 +52,7 @@ def test_fused_forward_gives_the_models_own_loss_and_gradients(tiny, num_items):
 def test_plugin_refuses_a_second_fused_loss_and_unknown_models():
     with pytest.raises(ValueError, match="liger_fused_linear_cross_entropy: false"):
         cce.CutCrossEntropyPlugin().pre_model_load({"liger_fused_linear_cross_entropy": True,
+                                                    "plugins": ["axolotl.integrations.liger.LigerPlugin"],
                                                     "model_config_type": "qwen2"})
     with pytest.raises(ValueError, match="supports llama, mistral, qwen2, not `gemma2`"):
         cce.patch("gemma2")

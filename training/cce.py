@@ -19,6 +19,8 @@ check against the model's own loss.
 import torch
 from torch.nn import functional
 
+from training.recipe import RecipeFacts
+
 try:  # Axolotl is only needed in Axolotl's own process
     from axolotl.integrations.base import BasePlugin
 except ImportError:  # pragma: no cover - every Loft environment has Axolotl
@@ -84,7 +86,7 @@ class CutCrossEntropyPlugin(BasePlugin):
     """`plugins: [training.cce.CutCrossEntropyPlugin]`: the loss through Apple's cut-cross-entropy kernel."""
 
     def pre_model_load(self, cfg):
-        if cfg.get("liger_fused_linear_cross_entropy") or cfg.get("cut_cross_entropy"):
+        if RecipeFacts.of(cfg).fused_cross_entropy:
             raise ValueError("training.cce.CutCrossEntropyPlugin computes the loss itself: set "
                              "liger_fused_linear_cross_entropy: false (and no cut_cross_entropy) in this recipe")
         try:  # fail here, naming the package, not inside the first training step

@@ -6,40 +6,15 @@ overrides that fail loudly on unknown keys, the private environment, and all CPU
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from training import recipe as recipes
+from training.axolotl import GUARD, launch
 from training.errors import LoftError
-from training.paths import REPO
+from training.paths import RunDir
 
 HELP = "Doctor a recipe, then train it with Axolotl and the health guard into runs/<name>/ (--set key=value)."
 EXAMPLE = "loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick"
-
-
-def launch(resolved: Path, log_path: Path | None = None) -> None:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "axolotl.cli.train", str(resolved)]
-    log = open(log_path, "w") if log_path else None
-    try:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # show Axolotl's own progress, keep a copy in train.log
-            sys.stdout.write(line)
-            if log:
-                log.write(line)
-        rc = proc.wait()
-    finally:
-        if log:
-            log.close()
-    if rc != 0:
-        where = f"; see {log_path}" if log_path else ""
-        raise LoftError(f"Axolotl training failed (exit {rc}){where}", code=rc if rc > 0 else 1)
-
-
-GUARD = "training.guard.HealthGuardPlugin"
 
 
 def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None, check: bool = True) -> Path:
@@ -57,16 +32,17 @@ def train(recipe: Path, name: str | None = None, overrides: list[str] | None = N
             raise LoftError(f"loft doctor found {report.count('error')} error(s) in {recipe} (above); "
                             "fix them, or pass --no-check to train anyway")
     print(f"loft train: {recipe} -> {run_dir}")
-    launch(resolved, run_dir / "train.log")
-    health = run_dir / "adapter" / "health.json"
+    run = RunDir(run_dir)
+    launch(resolved, run.train_log)
+    health = run.health
     if health.exists():
         status = json.loads(health.read_text())
         if status.get("status") == "stopped":
             problem = status.get("problem", {})
             raise LoftError(f"the health guard stopped the run at step {problem.get('step')}: "
                             f"{problem.get('reason')}; causes and fixes in {health}", code=3)
-    if not (run_dir / "adapter" / "adapter_config.json").exists():
-        raise LoftError(f"training finished but wrote no adapter in {run_dir / 'adapter'}; see {run_dir / 'train.log'}")
+    if not (run.adapter / "adapter_config.json").exists():
+        raise LoftError(f"training finished but wrote no adapter in {run.adapter}; see {run.train_log}")
     return run_dir
 
 

@@ -12,10 +12,10 @@ one-line reason with it before importing anything heavy.
 """
 
 import json
-from importlib import metadata
 from pathlib import Path
 
 from training.errors import LoftError
+from training.versions import installed
 
 # --vs name -> (results key, module). The naive runner keeps the key `baseline` that earlier results files use.
 RUNNERS = {
@@ -50,13 +50,7 @@ def module_of(key: str) -> str:
 
 
 def versions() -> dict:
-    out = {}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return installed(PACKAGES)
 
 
 def cannot_run(path: str | Path, runner: str, reason: str, settings: dict | None = None) -> dict:

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from benchmarks.peers import KEYS, module_of
-from training.measure import PAD_ID
-from training.paths import REPO
+from training.axolotl import PAD_ID
+from training.paths import REPO, RunDir
+from training.recipe import RecipeFacts
 
 LABELS = {"loft": "Loft", "baseline": "naive TRL", "trl": "TRL tuned", "unsloth": "Unsloth"}
 
@@ -28,16 +29,17 @@ def beta(cfg: dict) -> float:
 def command(key: str, task: str, cfg: dict, model_dir: Path, tokenizer: Path, data: Path, out: Path,
             total_steps: int, grad_accum: int, cap_gib, profile_step, packing: bool = False) -> list[str]:
     """The recipe's hyperparameters as flags of runner `key` (results key: baseline, trl or unsloth)."""
+    facts = RecipeFacts.of(cfg)
     cmd = [sys.executable, "-m", module_of(key), "--task", task, "--model", str(model_dir),
-           "--tokenizer", str(tokenizer), "--data", str(data), "--out", str(out), "--seq-len", str(cfg["sequence_len"]),
+           "--tokenizer", str(tokenizer), "--data", str(data), "--out", str(out), "--seq-len", str(facts.sequence_len),
            "--micro-batch", str(cfg.get("micro_batch_size", 1)), "--grad-accum", str(grad_accum),
            "--steps", str(total_steps), "--learning-rate", str(cfg.get("learning_rate", 2e-4)),
            "--optimizer", str(cfg.get("optimizer", "adamw_torch")), "--lora-r", str(cfg.get("lora_r", 16)),
            "--lora-alpha", str(cfg.get("lora_alpha", 32)), "--lora-dropout", str(cfg.get("lora_dropout", 0.0)),
            "--beta", str(beta(cfg)), "--pad-id", str(PAD_ID)]
-    if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora":
+    if facts.bits == 4:
         cmd.append("--load-in-4bit")
-    elif cfg.get("load_in_8bit"):
+    elif facts.bits == 8:
         cmd.append("--load-in-8bit")
     for flag, on in (("--gradient-checkpointing", cfg.get("gradient_checkpointing")),
                      ("--rslora", cfg.get("peft_use_rslora")), ("--tf32", cfg.get("tf32")), ("--packing", packing)):
@@ -81,7 +83,7 @@ def run(key: str, cmd: list[str], work: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = Path(cmd[cmd.index("--out") + 1])
     out.unlink(missing_ok=True)
-    log = run_dir / "train.log"
+    log = RunDir(run_dir).train_log
     print(f"loft bench speed: {key} ({LABELS[key]}) -> {log}", flush=True)
     with log.open("w") as fh:
         fh.write(" ".join(cmd) + "\n")

@@ -6,7 +6,7 @@
 Each argument is one run's speed.json (what benchmarks/gpu/vs-peers.sh leaves in $OUT) or a merged file
 ({"runs": {name: run}}); --merge writes the runs read, later ones replacing earlier ones of the same name, as one
 file to commit. Nothing is recomputed: every cell is a number the runs recorded. The goal column applies the
-issue's bar: Loft at least 1.0x Unsloth's tokens/s at no more than Unsloth's peak reserved memory + 0.5 GiB, and
+bar: Loft at least 1.0x Unsloth's tokens/s at no more than Unsloth's peak reserved memory + 0.5 GiB, and
 for the longest sequence under a cap, at least 1.25x Unsloth's longest.
 """
 
@@ -62,7 +62,7 @@ def describe(run: dict) -> str:
 
 
 def goal(run: dict) -> str:
-    """Loft against Unsloth by the issue's bar, in words."""
+    """Loft against Unsloth by the bar RESULTS.md sets, in words."""
     loft, uns = run["runners"].get("loft", {}), run["runners"].get("unsloth", {})
     if loft.get("status") != "ok":
         return "Loft did not train"
