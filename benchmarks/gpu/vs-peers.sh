@@ -8,8 +8,7 @@
 #   CASES=qwen-full bash benchmarks/gpu/vs-peers.sh
 # A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
 # group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
-# long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama, levers-attn-qwen,
-# levers-attn-llama; smoke (every runner on a tiny
+# long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama; smoke (every runner on a tiny
 # random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply before the big ones.
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
 export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
@@ -71,21 +70,6 @@ lever() { local name="$1"; shift; bench "lever-$name" "$@" "${LEVER[@]}"; }
 CCE=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.cce.CutCrossEntropyPlugin]"
      --set liger_fused_linear_cross_entropy=false)
 QF=("${Q12[@]}" --data full)
-# cuDNN's fused attention ahead of FlashAttention-2 (training/attention.py): the profiles of the full-row cases
-# showed TRL and Unsloth on cuDNN's Hopper kernels and Loft on FlashAttention-2, whose backward took ~1.7x longer.
-CUDNN=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.attention.CudnnAttentionPlugin]")
-CUDNN_CCE=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.attention.CudnnAttentionPlugin, training.cce.CutCrossEntropyPlugin]"
-           --set liger_fused_linear_cross_entropy=false)
-if want levers-attn-qwen; then
-  lever qwen-full-recipe "${QF[@]}"
-  lever qwen-full-cudnn "${QF[@]}" "${CUDNN[@]}"
-  lever qwen-full-cudnn-cce "${QF[@]}" "${CUDNN_CCE[@]}"
-fi
-if want levers-attn-llama; then
-  lever llama-bf16-recipe "${B80[@]}"
-  lever llama-bf16-cudnn "${B80[@]}" "${CUDNN[@]}"
-  lever llama-bf16-cudnn-cce "${B80[@]}" "${CUDNN_CCE[@]}"
-fi
 if want levers-qwen-a; then
   lever qwen-full-recipe "${QF[@]}"
   lever qwen-full-selective-ckpt "${QF[@]}" --set selective_checkpointing=true  # keep attention, recompute the rest
