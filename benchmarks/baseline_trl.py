@@ -1,10 +1,11 @@
-"""The hand-written baseline `loft bench speed --vs baseline` compares against.
+"""The naive runner `loft bench speed --vs naive` compares against (results key `baseline`).
 
-What a practitioner writes without Axolotl, straight from the TRL and PEFT documentation: the model loaded with
+What a practitioner writes without Axolotl, straight from the TRL and PEFT quickstarts: the model loaded with
 a BitsAndBytesConfig (NF4, double quantization, bf16 compute) or in bf16, a LoraConfig on all linear layers,
 TRL's SFTTrainer (no packing, padding to the longest row of each micro-batch) or DPOTrainer (reference = the
 same model with the adapter disabled), SDPA attention, and the recipe's hyperparameters, which the harness
-passes as flags. Nothing else: no Liger, no fused LoRA kernels, no sample packing.
+passes as flags. Nothing else: no Liger, no fused LoRA kernels, no sample packing. benchmarks/peers/ holds the
+runners written for speed (TRL as its docs advise, Unsloth); they share this module's flags and loading.
 
 It measures itself with the same callback as the Axolotl run (benchmarks/speed_probe.py).
 
@@ -12,39 +13,17 @@ It measures itself with the same callback as the Axolotl run (benchmarks/speed_p
         --seq-len 2048 --micro-batch 1 --grad-accum 8 --steps 12 --load-in-4bit --gradient-checkpointing
 """
 
-import argparse
 import sys
 
 import torch
 
-from benchmarks.speed_probe import SpeedCallback, apply_cap, does_not_fit, is_oom, keep_peaks
+from benchmarks.peers import versions
+from benchmarks.peers.flags import build_parser, settings
+from benchmarks.speed_probe import measure
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=["sft", "dpo"], required=True)
-    p.add_argument("--model", required=True, help="HF model directory (weights + tokenizer)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    p.add_argument("--data", required=True, help="JSONL: {messages} rows for sft, {prompt, chosen, rejected} for dpo")
-    p.add_argument("--out", required=True, help="where the measurement JSON goes")
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps in all (warm-up included)")
-    p.add_argument("--learning-rate", type=float, default=2e-4)
-    p.add_argument("--optimizer", default="paged_adamw_8bit")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--rslora", action="store_true")
-    p.add_argument("--load-in-4bit", action="store_true")
-    p.add_argument("--load-in-8bit", action="store_true")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--pad-id", type=int, default=0, help="padding id, for the token counter")
-    p.add_argument("--cap-gib", type=float, help="emulate a card of this many GiB")
-    p.add_argument("--profile-step", type=int, help="profile this optimizer step (not timed)")
-    return p.parse_args(argv)
+    return build_parser(__doc__.splitlines()[0]).parse_args(argv)
 
 
 def load_model(args):
@@ -62,51 +41,54 @@ def load_model(args):
         quantization_config=quant, device_map={"": 0} if gpu else None)
 
 
-def build_trainer(args, callback):
-    from datasets import load_dataset
+def lora_config(args):
     from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules="all-linear", use_rslora=args.rslora, task_type="CAUSAL_LM")
+
+
+def trainer_args(args) -> dict:
+    """TrainingArguments every runner shares: the recipe's batch shape, schedule and optimizer."""
+    gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(args.out) + ".trainer", per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine", optim=args.optimizer if gpu else "adamw_torch", bf16=gpu,
+        tf32=bool(args.tf32 and gpu), gradient_checkpointing=args.gradient_checkpointing, max_length=args.seq_len,
+        logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, seed=42, use_cpu=not gpu,
+    )
+
+
+def load_rows(args):
+    """The harness's rows; DPO pairs get the same ChatML wrapping as Axolotl's `chatml.default` type, so every
+    runner sees the same tokens."""
+    from datasets import load_dataset
+
+    data = load_dataset("json", data_files=args.data, split="train")
+    if args.task == "dpo":
+        data = data.map(lambda row: {
+            "prompt": f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n",
+            "chosen": f"{row['chosen']}<|im_end|>", "rejected": f"{row['rejected']}<|im_end|>"})
+    return data
+
+
+def build_trainer(args, callback):
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = load_model(args)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules="all-linear", use_rslora=args.rslora, task_type="CAUSAL_LM")
-    gpu = torch.cuda.is_available()
-    common = dict(
-        output_dir=str(args.out) + ".trainer", per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine", optim=args.optimizer if gpu else "adamw_torch", bf16=gpu,
-        gradient_checkpointing=args.gradient_checkpointing, max_length=args.seq_len, logging_steps=1,
-        save_strategy="no", report_to="none", dataloader_num_workers=0, seed=42, use_cpu=not gpu,
-    )
-    data = load_dataset("json", data_files=args.data, split="train")
     if args.task == "sft":
-        config = SFTConfig(packing=False, **common)
-        trainer_cls = SFTTrainer
+        config, trainer_cls = SFTConfig(packing=False, **trainer_args(args)), SFTTrainer
     else:
-        # The same ChatML wrapping as Axolotl's `chatml.default` DPO type, so both runners see the same tokens.
-        data = data.map(lambda row: {
-            "prompt": f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n",
-            "chosen": f"{row['chosen']}<|im_end|>", "rejected": f"{row['rejected']}<|im_end|>"})
-        config = DPOConfig(beta=args.beta, **common)
-        trainer_cls = DPOTrainer
-    return trainer_cls(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                       peft_config=lora, callbacks=[callback])
+        config, trainer_cls = DPOConfig(beta=args.beta, **trainer_args(args)), DPOTrainer
+    return trainer_cls(model=load_model(args), args=config, train_dataset=load_rows(args), processing_class=tokenizer,
+                       peft_config=lora_config(args), callbacks=[callback])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    keep_peaks()
-    apply_cap(args.cap_gib)
-    callback = SpeedCallback(args.out, "baseline", args.pad_id, cap_gib=args.cap_gib, profile_step=args.profile_step)
-    try:
-        build_trainer(args, callback).train()
-    except Exception as exc:  # an out-of-memory error is a result ("does not fit"), anything else a failure
-        if not is_oom(exc):
-            raise
-        does_not_fit(args.out, "baseline", args.cap_gib, exc)
-    return 0
+    return measure(args, "baseline", build_trainer, {"settings": settings(args), "versions": versions()})
 
 
 if __name__ == "__main__":

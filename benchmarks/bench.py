@@ -12,9 +12,9 @@ from pathlib import Path
 
 from benchmarks import speed
 from benchmarks.generate import add_generation_arguments, model_outputs, parse_spec
-from benchmarks.report import FAITHFULNESS_JSON, STYLE_JSON, VERSUS_JSON, fmt, fmt_ci
+from benchmarks.report import fmt, fmt_ci
 from training.errors import LoftError
-from training.paths import RUNS
+from training.paths import RUNS, RunDir
 
 HELP = "Benchmark models: style transfer vs the author, head-to-head on math/code, summary faithfulness, speed."
 EXAMPLE = ("loft bench style --data runs/data/shakespeare --model base=runs/models/smollm2-135m-instruct "
@@ -102,7 +102,7 @@ def run_style(args) -> int:
     result["data"] = str(eval_file)
     for name, s in result["scores"].items():
         print(f"style  {name:<16} {fmt(s['score']):>6}  95% CI {fmt_ci(s['ci95'])}")
-    return _write(args, STYLE_JSON, result)
+    return _write(args, RunDir.STYLE_JSON, result)
 
 
 def run_versus(args) -> int:
@@ -126,7 +126,7 @@ def run_versus(args) -> int:
         r = results[task]
         print(f"versus {task:<10} {a} vs {args.baseline}: {r['wins']} wins, {r['ties']} ties, {r['losses']} losses "
               f"of {r['items']} ({100 * r['win_rate']:.0f}% wins), p = {r['p_value']:.3g}")
-    return _write(args, VERSUS_JSON, {"tasks": results, "seed": args.seed})
+    return _write(args, RunDir.VERSUS_JSON, {"tasks": results, "seed": args.seed})
 
 
 def run_faithfulness(args) -> int:
@@ -147,7 +147,7 @@ def run_faithfulness(args) -> int:
         f = m["flagged"]
         print(f"faithfulness {name:<16} {100 * f['share']:.0f}% flagged ({f['count']}/{f['of']}), "
               f"novel bigrams {m['novel_2gram']:.2f}")
-    return _write(args, FAITHFULNESS_JSON, result)
+    return _write(args, RunDir.FAITHFULNESS_JSON, result)
 
 
 def run(args) -> int:

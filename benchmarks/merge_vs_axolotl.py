@@ -36,7 +36,7 @@ import yaml
 
 from training import merge as m
 from training.errors import LoftError
-from training.paths import REPO
+from training.paths import REPO, RunDir
 
 RESULTS = REPO / "benchmarks" / "results"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -182,24 +182,24 @@ def train_qlora(base_dir: Path, base_name: str, data: Path, steps: int, out: Pat
 
 def qlora_section(base_dir: Path, base_name: str, recipe: dict, data: Path, steps: int, scorer: Scorer,
                   work: Path) -> dict:
-    run = work / "qlora-run"
-    training = train_qlora(base_dir, base_name, data, steps, run / "adapter")
+    run = RunDir(work / "qlora-run")
+    training = train_qlora(base_dir, base_name, data, steps, run.adapter)
     q_recipe = {**recipe, "adapter": "qlora", "load_in_4bit": True}
-    (run / "recipe.yaml").write_text(yaml.safe_dump(q_recipe, sort_keys=False))
-    report = m.merge(run / "adapter", work / "loft-qlora", dtype="bf16", force=True, progress=False)
+    run.recipe.write_text(yaml.safe_dump(q_recipe, sort_keys=False))
+    report = m.merge(run.adapter, work / "loft-qlora", dtype="bf16", force=True, progress=False)
     gap = report["qlora_gap"]
 
     quant = m.quant_settings(q_recipe)
     nf4 = m.NF4(m.layout(base_dir, {}, {})["linear"], quant["quant_type"], quant["double_quant"], quant["blocksize"])
-    training_view = scorer.logprobs(m.peft_view(base_dir, run / "adapter", "cpu", nf4=nf4))
-    axolotl_out, axolotl_cost = axolotl_merge(q_recipe, run / "adapter", work, "qlora")
+    training_view = scorer.logprobs(m.peft_view(base_dir, run.adapter, "cpu", nf4=nf4))
+    axolotl_out, axolotl_cost = axolotl_merge(q_recipe, run.adapter, work, "qlora")
     # Why Axolotl's merge sits far from the training view: its NF4 simulation (a) round-trips every 2-D tensor,
     # the embeddings (and so a tied lm_head) included, which bitsandbytes never quantizes in training, and (b) skips
     # double quantization (it reads the key from a DictDefault, whose missing keys are None, not the True default)
     # although Axolotl trains with it. Each cause alone, and both (which reproduces Axolotl's tensors):
     lay = m.layout(base_dir, {}, {})
     embeddings = {lay["emb_in"], lay["emb_out"]}
-    plan, full = m.lora_plan(run / "adapter", m.read_adapter(run / "adapter"))
+    plan, full = m.lora_plan(run.adapter, m.read_adapter(run.adapter))
     axolotl_weights = weights(axolotl_out)
     causes = {}
     for name, keys, double_quant in (("embeddings also rounded", lay["linear"] | embeddings, True),
@@ -281,7 +281,7 @@ def bounds_section(adapter: Path, base_dir: Path, scorer: Scorer) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--adapter", type=Path, default=REPO / "runs" / "smollm2-135m-lora-cpu" / "adapter")
+    p.add_argument("--adapter", type=Path, default=RunDir.named("smollm2-135m-lora-cpu").adapter)
     p.add_argument("--qlora-steps", type=int, default=30, help="QLoRA steps on CPU for section 2 (0 = skip)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each merge in section 1 (default 3)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/merge-vs-axolotl-<date>.json)")

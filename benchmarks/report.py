@@ -1,7 +1,7 @@
 """`loft report RUN_DIR`: RUN_DIR/report.md and report.html from the results saved in the run folder.
 
-Nothing is recomputed: the report reads only the files below, so one command regenerates it at any time
-(and a missing file just leaves its section out). Every writer in Loft uses these names.
+Nothing is recomputed: the report reads only the saved results that training.paths.RunDir names, so one command
+regenerates it at any time (and a missing file just leaves its section out).
 """
 
 import base64
@@ -11,16 +11,8 @@ import re
 from pathlib import Path
 
 from training.errors import LoftError
-
-# ---------------------------------------------------------------- the saved results of a run, by file name
-STYLE_JSON = "style.json"  # `loft bench style`: benchmarks.style.style_report(...) + "samples"
-VERSUS_JSON = "versus.json"  # `loft bench versus`: {"tasks": {task: benchmarks.versus.head_to_head(...)}}
-FAITHFULNESS_JSON = "faithfulness.json"  # `loft bench faithfulness`: faithfulness.faithfulness_report(...)
-MERGE_JSON = "merge-report.json"  # `loft merge`: fidelity of the merged model against adapter-on-base
-EXPORT_JSON = "export-report.json"  # `loft export`: GGUF files, sizes, perplexities
-PIPELINE_JSON = "pipeline.json"  # `loft demo`: seconds per stage
-EVENTS_GLOB = "adapter/runs/**/events.out.tfevents.*"  # TensorBoard logs that Axolotl writes while training
-REPORT_MD, REPORT_HTML, FIGURES = "report.md", "report.html", "report-figures"
+from training.export import human_bytes
+from training.paths import RunDir
 
 HELP = "Write RUN_DIR/report.md and report.html (loss curves, benchmark scores, samples) from saved results."
 EXAMPLE = "loft report runs/demo"
@@ -39,7 +31,7 @@ def _load(run_dir: Path, name: str):
 
 def loss_curves(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], Path | None]:
     """Scalars whose tag ends in 'loss', from the newest TensorBoard event file (a retrain writes a new one)."""
-    files = sorted(run_dir.glob(EVENTS_GLOB), key=lambda p: p.stat().st_mtime)
+    files = sorted(run_dir.glob(RunDir.EVENTS_GLOB), key=lambda p: p.stat().st_mtime)
     if not files:
         return {}, None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -136,13 +128,6 @@ def fmt_ci(ci, spec="{:.1f}") -> str:
     return f"[{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]" if ci and ci[0] is not None else "–"
 
 
-def _size(n) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
 def style_section(style: dict, figures: Path) -> list[str]:
     scores = style["scores"]
     names = list(scores)
@@ -151,7 +136,7 @@ def style_section(style: dict, figures: Path) -> list[str]:
     out = ["## Style transfer", "",
            f"Score 0 = the baseline ({style['settings']['baseline']}), 100 = a second sample of the author's own "
            "held-out text; 95% bootstrap intervals over prompts. Definitions: benchmarks/README.md.", "",
-           f"![style scores]({FIGURES}/style.png)", ""]
+           f"![style scores]({RunDir.FIGURES}/style.png)", ""]
     comps = list(next(iter(scores.values()))["components"])
     out.append(table(["model", "score", "95% CI"] + comps,
                      [[n, fmt(s["score"]), fmt_ci(s["ci95"])] +
@@ -175,7 +160,7 @@ def versus_section(versus: dict, figures: Path) -> list[str]:
     rows = [[t, r["a"], r["b"], r["items"], r["wins"], r["ties"], r["losses"], f"{100 * r['win_rate']:.0f}%",
              f"{100 * r['accuracy_a']:.0f}% / {100 * r['accuracy_b']:.0f}%", fmt(r["p_value"], "{:.3g}")]
             for t, r in tasks.items()]
-    return ["## Head to head", "", f"![head to head]({FIGURES}/versus.png)", "",
+    return ["## Head to head", "", f"![head to head]({RunDir.FIGURES}/versus.png)", "",
             table(["task", "A", "B", "items", "wins", "ties", "losses", "win rate", "accuracy A / B", "p"], rows),
             "", "p: McNemar's exact test (two-sided binomial on the items only one model got right).", ""]
 
@@ -191,7 +176,7 @@ def faithfulness_section(faith: dict, figures: Path) -> list[str]:
              fmt_ci([100 * x for x in m["flagged"]["ci95"]], "{:.0f}"),
              f"{100 * m['unsupported_entity']['share']:.0f}%", f"{100 * m['unsupported_number']['share']:.0f}%",
              fmt(m["novel_2gram"], "{:.2f}"), fmt(m["mean_words"], "{:.0f}")] for n, m in models.items()]
-    return ["## Faithfulness (heuristic)", "", f"![faithfulness]({FIGURES}/faithfulness.png)", "",
+    return ["## Faithfulness (heuristic)", "", f"![faithfulness]({RunDir.FIGURES}/faithfulness.png)", "",
             table(["model", "flagged", "95% CI (%)", "entity", "number", "novel bigrams", "words"], rows), "",
             "Flagged: a capitalised name or a number absent from the source. A heuristic; what it misses is in "
             "benchmarks/README.md.", ""]
@@ -207,7 +192,7 @@ def merge_section(merge: dict) -> list[str]:
 
 
 def export_section(export: dict) -> list[str]:
-    rows = [[f["quant"], _size(f["bytes"]), fmt(f.get("ppl"), "{:.3f}"),
+    rows = [[f["quant"], human_bytes(f["bytes"]), fmt(f.get("ppl"), "{:.3f}"),
              fmt(100 * f["ppl_vs_f16"], "{:+.2f}%") if f.get("ppl_vs_f16") is not None else "–",
              f.get("file") or "(not kept)"] for f in export["files"]]
     text = (export.get("eval") or {}).get("text")
@@ -221,38 +206,38 @@ def render(run_dir) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LoftError(f"{run_dir} is not a folder; pass a run folder such as runs/demo")
-    loaded = {n: _load(run_dir, n) for n in (STYLE_JSON, VERSUS_JSON, FAITHFULNESS_JSON, MERGE_JSON,
-                                              EXPORT_JSON, PIPELINE_JSON)}
+    loaded = {n: _load(run_dir, n) for n in (RunDir.STYLE_JSON, RunDir.VERSUS_JSON, RunDir.FAITHFULNESS_JSON,
+                                              RunDir.MERGE_JSON, RunDir.EXPORT_JSON, RunDir.PIPELINE_JSON)}
     curves, events = loss_curves(run_dir)
     if not curves and not any(loaded.values()):
         raise LoftError(f"nothing to report in {run_dir}: no TensorBoard logs under adapter/runs and none of "
                         f"{', '.join(loaded)}; run `loft train` or `loft bench ...` with --run {run_dir}")
-    figures = run_dir / FIGURES
+    figures = run_dir / RunDir.FIGURES
     figures.mkdir(exist_ok=True)
     md = [f"# Run report: {run_dir.name}", "",
           f"Regenerate with `loft report {run_dir}`; every number comes from the JSON files in this folder.", ""]
     if curves:
         plot_losses(curves, figures / "loss.png")
-        md += ["## Training", "", f"![loss curves]({FIGURES}/loss.png)", "",
+        md += ["## Training", "", f"![loss curves]({RunDir.FIGURES}/loss.png)", "",
                table(["curve", "points", "first", "last"],
                      [[t, len(p), f"{p[0][1]:.4f}", f"{p[-1][1]:.4f}"] for t, p in sorted(curves.items())]),
                "", f"From {events.relative_to(run_dir)}.", ""]
-    if loaded[STYLE_JSON]:
-        md += style_section(loaded[STYLE_JSON], figures)
-    if loaded[VERSUS_JSON]:
-        md += versus_section(loaded[VERSUS_JSON], figures)
-    if loaded[FAITHFULNESS_JSON]:
-        md += faithfulness_section(loaded[FAITHFULNESS_JSON], figures)
-    if loaded[MERGE_JSON]:
-        md += merge_section(loaded[MERGE_JSON])
-    if loaded[EXPORT_JSON]:
-        md += export_section(loaded[EXPORT_JSON])
-    if loaded[PIPELINE_JSON]:
-        md += ["## Time per stage", "", table(["stage", "seconds"], list(loaded[PIPELINE_JSON].items())), ""]
+    if loaded[RunDir.STYLE_JSON]:
+        md += style_section(loaded[RunDir.STYLE_JSON], figures)
+    if loaded[RunDir.VERSUS_JSON]:
+        md += versus_section(loaded[RunDir.VERSUS_JSON], figures)
+    if loaded[RunDir.FAITHFULNESS_JSON]:
+        md += faithfulness_section(loaded[RunDir.FAITHFULNESS_JSON], figures)
+    if loaded[RunDir.MERGE_JSON]:
+        md += merge_section(loaded[RunDir.MERGE_JSON])
+    if loaded[RunDir.EXPORT_JSON]:
+        md += export_section(loaded[RunDir.EXPORT_JSON])
+    if loaded[RunDir.PIPELINE_JSON]:
+        md += ["## Time per stage", "", table(["stage", "seconds"], list(loaded[RunDir.PIPELINE_JSON].items())), ""]
     text = "\n".join(md)
-    (run_dir / REPORT_MD).write_text(text, encoding="utf-8")
-    (run_dir / REPORT_HTML).write_text(to_html(text, run_dir, run_dir.name), encoding="utf-8")
-    return run_dir / REPORT_MD
+    (run_dir / RunDir.REPORT_MD).write_text(text, encoding="utf-8")
+    (run_dir / RunDir.REPORT_HTML).write_text(to_html(text, run_dir, run_dir.name), encoding="utf-8")
+    return run_dir / RunDir.REPORT_MD
 
 
 def to_html(md: str, run_dir: Path, title: str) -> str:
@@ -279,5 +264,5 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     path = render(args.run_dir)
-    print(f"loft report: {path} and {path.with_name(REPORT_HTML)}")
+    print(f"loft report: {path} and {path.with_name(RunDir.REPORT_HTML)}")
     return 0

@@ -1,5 +1,5 @@
-"""`loft bench speed RECIPE`: tokens/s, peak memory and MFU of a recipe on one GPU, optionally against a
-hand-written TRL baseline in the same invocation.
+"""`loft bench speed RECIPE`: tokens/s, peak memory and MFU of a recipe on one GPU, optionally against the tools
+people would pick instead, in the same invocation (`--vs trl,unsloth,naive`; the runners: benchmarks/peers/).
 
 Nothing is downloaded. The model is random-initialised from the recipe's architecture (training/archs/*.json,
 or --arch), and the data is synthetic: a word-level tokenizer ("w0".."w3999", ChatML specials) whose every
@@ -25,24 +25,25 @@ import math
 import os
 import random
 import shlex
-import subprocess
 import sys
 from datetime import date
-from importlib import metadata
 from pathlib import Path
 
+from benchmarks import peers
+from benchmarks.peers import harness
 from training import recipe as recipes
-from training import train as trainer
+from training.arch import shipped_config, shipped_names
+from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
 from training.errors import LoftError
 from training.launcher import Topology
-from training.measure import DROP, PAD_ID, WORDS, random_model, word_tokenizer
-from training.memory import normalize
-from training.paths import REPO, RUNS
+from training.paths import REPO, RUNS, RunDir
+from training.recipe import RecipeFacts
+from training.versions import installed
 
-HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs a hand-written TRL baseline."
-EXAMPLE = "loft bench speed recipes/qwen2.5-7b/qlora-sft-8gb.yaml --cap-gib 12 --steps 8 --warmup 2 --vs baseline"
+HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs TRL, Unsloth, naive TRL."
+EXAMPLE = ("loft bench speed recipes/qwen2.5-7b/qlora-sft-12gb.yaml --cap-gib 12 --steps 4 --warmup 2 "
+           "--vs trl,unsloth,naive")
 
-ARCHS = REPO / "training" / "archs"
 BENCH = RUNS / "bench-speed"
 GIB = 2**30
 
@@ -67,25 +68,12 @@ def resolve_arch(base_model: str, arch: str | None = None) -> tuple[str, dict]:
         return "tiny", dict(TINY)
     if arch and Path(arch).is_file():
         return Path(arch).stem, json.loads(Path(arch).read_text())
-    want = normalize(arch or base_model)
-    for path in sorted(ARCHS.glob("*.json")):
-        if normalize(path.stem) == want:
-            return path.stem, json.loads(path.read_text())
-    known = ", ".join(sorted(p.stem for p in ARCHS.glob("*.json")))
+    path = shipped_config(arch or base_model)
+    if path:
+        return path.stem, json.loads(path.read_text())
+    known = ", ".join(shipped_names())
     raise LoftError(f"no architecture for `{arch or base_model}`; pass --arch tiny, --arch PATH/config.json "
                     f"or one of: {known}")
-
-
-def n_params(cfg: dict) -> int:
-    """Parameters of a Llama/Qwen2/Mistral-shaped decoder, from its config (Qwen2 has q/k/v biases)."""
-    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    head = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head, cfg["num_key_value_heads"] * head
-    bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
-    attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if bias else 0)
-    layer = attn + 3 * h * inter + 2 * h
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return layers * layer + embed + h
 
 
 def peak_tflops(device: str) -> float | None:
@@ -157,8 +145,8 @@ PLUGIN = "benchmarks.speed_probe.SpeedPlugin"
 
 
 def task_of(cfg: dict) -> str:
-    rl = cfg.get("rl")
-    if rl in (None, False):
+    rl = RecipeFacts.of(cfg).rl
+    if rl is None:
         return "sft"
     if rl == "dpo":
         return "dpo"
@@ -184,74 +172,34 @@ def rank_files(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"), key=lambda p: int(p.stem.split("rank")[-1]))
 
 
-def read_result(path: Path, log: Path, runner: str) -> dict:
-    if path.exists():
-        result = json.loads(path.read_text())
-        others = [json.loads(p.read_text()) for p in rank_files(path)]
-        if others:  # one record per rank: summarize() adds their tokens and keeps every rank's peak
-            result["other_ranks"] = others
-        return result
-    return {"runner": runner, "status": "error", "error": f"no measurement written; see {log}"}
+def read_result(path: Path, log: Path) -> dict:
+    result = harness.read_result(path, log, "loft")
+    others = [json.loads(p.read_text()) for p in rank_files(path)] if path.exists() else []
+    if others:  # one record per rank: summarize() adds their tokens and keeps every rank's peak
+        result["other_ranks"] = others
+    return result
 
 
 def run_loft(recipe: Path, cfg: dict, work: Path, env: dict, gpus: int = 1) -> dict:
     run_dir = work / "loft"
+    run = RunDir(run_dir)
     out = run_dir / "speed.json"
     for stale in [out, *rank_files(out)]:
         stale.unlink(missing_ok=True)
-    cfg = dict(cfg, output_dir=str(run_dir / "adapter"), dataset_prepared_path=str(run_dir / "prepared"))
+    cfg = dict(cfg, output_dir=str(run.adapter), dataset_prepared_path=str(run.prepared))
     resolved = recipes.write(cfg, run_dir, recipe)
-    print(f"loft bench speed: loft (Axolotl) -> {run_dir / 'train.log'}", flush=True)
+    print(f"loft bench speed: loft (Axolotl) -> {run.train_log}", flush=True)
     saved = dict(os.environ)
     os.environ.update(env)
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Axolotl's output: train.log
-            trainer.launch(resolved, run_dir / "train.log", Topology(gpus=gpus))
+            launch(resolved, run.train_log, Topology(gpus=gpus))
     except LoftError:
         pass  # an out-of-memory crash left a "does_not_fit" record; anything else is reported as an error
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return read_result(out, run_dir / "train.log", "loft")
-
-
-def baseline_command(cfg: dict, model_dir: Path, tokenizer: Path, data: Path, out: Path, total_steps: int, grad_accum: int,
-                     cap_gib, profile_step) -> list[str]:
-    """The recipe's hyperparameters as flags of benchmarks/baseline_trl.py."""
-    cmd = [sys.executable, "-m", "benchmarks.baseline_trl", "--task", task_of(cfg), "--model", str(model_dir),
-           "--tokenizer", str(tokenizer), "--data", str(data), "--out", str(out), "--seq-len", str(cfg["sequence_len"]),
-           "--micro-batch", str(cfg.get("micro_batch_size", 1)), "--grad-accum", str(grad_accum),
-           "--steps", str(total_steps), "--learning-rate", str(cfg.get("learning_rate", 2e-4)),
-           "--optimizer", str(cfg.get("optimizer", "adamw_torch")), "--lora-r", str(cfg.get("lora_r", 16)),
-           "--lora-alpha", str(cfg.get("lora_alpha", 32)), "--lora-dropout", str(cfg.get("lora_dropout", 0.0)),
-           "--beta", str(cfg.get("rl_beta") or (cfg.get("trl") or {}).get("beta") or 0.1), "--pad-id", str(PAD_ID)]
-    if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora":
-        cmd.append("--load-in-4bit")
-    elif cfg.get("load_in_8bit"):
-        cmd.append("--load-in-8bit")
-    if cfg.get("gradient_checkpointing"):
-        cmd.append("--gradient-checkpointing")
-    if cfg.get("peft_use_rslora"):
-        cmd.append("--rslora")
-    if cap_gib:
-        cmd += ["--cap-gib", str(cap_gib)]
-    if profile_step:
-        cmd += ["--profile-step", str(profile_step)]
-    return cmd
-
-
-def run_baseline(cmd: list[str], work: Path) -> dict:
-    run_dir = work / "baseline"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = Path(cmd[cmd.index("--out") + 1])
-    out.unlink(missing_ok=True)
-    log = run_dir / "train.log"
-    print(f"loft bench speed: baseline (TRL) -> {log}", flush=True)
-    with log.open("w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    return read_result(out, log, "baseline")
+    return read_result(out, run.train_log)
 
 
 # ---------------------------------------------------------------- report
@@ -260,10 +208,13 @@ def summarize(result: dict, params: int, warmup: int, steps: int, peak_override:
     failed = [r for r in others if r.get("status") != "ok"]
     if result.get("status") != "ok" or failed:
         return result if result.get("status") != "ok" else {**failed[0], "runner": result["runner"]}
-    summary = dict(result, **throughput(result.pop("marks"), warmup, steps))
+    try:  # one runner that stopped early is that runner's error, not the end of the whole comparison
+        summary = dict(result, **throughput(result.pop("marks"), warmup, steps))
+        extra = sum(throughput(r["marks"], warmup, steps)["tokens"] for r in others)
+    except LoftError as err:
+        return dict(result, status="error", error=str(err))
     gpus = 1 + len(others)
     if others:  # data parallel: each rank trains its own tokens in the same wall-clock window (rank 0's clock)
-        extra = sum(throughput(r["marks"], warmup, steps)["tokens"] for r in others)
         summary["tokens"] += extra
         summary["tokens_per_s"] = round(summary["tokens"] / summary["seconds"], 1)
         summary["tokens_per_step"] = round(summary["tokens"] / steps)
@@ -298,35 +249,18 @@ def estimated_gib(cfg: dict, gpus: int = 1) -> float | None:
     return round(est.allocated, 3) if est else None
 
 
-def versions() -> dict:
-    out = {}
-    for pkg in ("torch", "transformers", "axolotl", "peft", "trl", "bitsandbytes", "liger-kernel", "accelerate"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def line(r: dict) -> str:
     name = r["runner"]
     if r.get("status") == "does_not_fit":
         return f"  {name:9s} does not fit at {r.get('cap_gib')} GiB ({r.get('error', '')[:80]})"
+    if r.get("status") == "cannot_run":
+        return f"  {name:9s} cannot run here: {r.get('reason')}"
     if r.get("status") != "ok":
         return f"  {name:9s} failed: {r.get('error')}"
     m = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "n/a"
     return (f"  {name:9s} {r['tokens_per_s']:>10,.0f} tok/s  {r['tokens_per_step']:>8,} tok/step  "
             f"{r['step_s_median']:>6.2f} s/step  alloc {r['peak_allocated_gib']} GiB  "
             f"reserved {r['peak_reserved_gib']} GiB  MFU {m}")
-
-
-def ratios(loft: dict, base: dict) -> dict | None:
-    if loft.get("status") != "ok" or base.get("status") != "ok":
-        return None
-    mem = loft.get("peak_reserved_gib"), base.get("peak_reserved_gib")
-    return {"tokens_per_s": round(loft["tokens_per_s"] / base["tokens_per_s"], 2),
-            "tokens_per_step": round(loft["tokens_per_step"] / base["tokens_per_step"], 2),
-            "peak_reserved": round(mem[0] / mem[1], 2) if all(mem) else None}
 
 
 # ---------------------------------------------------------------- CLI
@@ -340,8 +274,13 @@ def add_arguments(parser) -> None:
                              "baseline that does not fit the card Loft targets")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
-    parser.add_argument("--vs", choices=["baseline"], help="also run the hand-written TRL baseline and print ratios")
-    parser.add_argument("--only", choices=["loft", "baseline"], help="run one runner alone")
+    parser.add_argument("--vs", metavar="RUNNERS",
+                        help="also run these runners on the same rows and print Loft's ratios, comma-separated: trl "
+                             "(TRL tuned as its docs advise), unsloth, naive (the hand-written TRL baseline; "
+                             "`baseline` is the same); a runner that cannot run here is recorded with its reason")
+    parser.add_argument("--only", metavar="RUNNERS",
+                        help="run just these runners (comma-separated: loft, trl, unsloth, naive), e.g. one "
+                             "runner's sequence sweep")
     parser.add_argument("--data", choices=["shakespeare", "full"], default="shakespeare",
                         help="row lengths: like the recipes' Shakespeare rows, or every row full (default shakespeare)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -361,18 +300,28 @@ def baseline_cap(cap_gib: float | None, baseline_cap_gib: float | None) -> float
     return baseline_cap_gib or None
 
 
+def runners(vs: str | None, only: str | None) -> list[str]:
+    """Results keys to run, Loft first: `--vs trl,unsloth` -> [loft, trl, unsloth]; `--only unsloth` -> [unsloth]."""
+    if only and vs:
+        raise LoftError("--only picks the runners by itself; drop --vs (e.g. --only loft,trl,unsloth)")
+    if not only:
+        return ["loft"] + (peers.parse_runners(vs) if vs else [])
+    names = [n.strip() for n in only.split(",")]
+    return (["loft"] if "loft" in names else []) + (
+        peers.parse_runners(",".join(n for n in names if n != "loft")) if set(names) - {"loft"} else [])
+
+
 def run(args) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise LoftError("--steps must be at least 1 and --warmup at least 0")
-    if args.only and args.vs:
-        raise LoftError("--only runs one runner; drop it to compare with --vs baseline")
-    if args.gpus < 1 or (args.gpus > 1 and (args.vs or args.only == "baseline")):
-        raise LoftError("--gpus N needs N >= 1, and the TRL baseline runs on one GPU: drop --vs/--only baseline")
+    keys = runners(args.vs, args.only)
+    if args.gpus < 1 or (args.gpus > 1 and keys != ["loft"]):
+        raise LoftError("--gpus N needs N >= 1, and the peers (TRL, Unsloth, naive) run on one GPU: drop --vs/--only")
     if (args.cap_gib is not None and args.cap_gib <= 0) or (args.baseline_cap_gib or 0) < 0:
         raise LoftError("--cap-gib must be a positive number of GiB (e.g. 12); --baseline-cap-gib 0 lifts the "
                         "baseline's cap, and no cap is below 0")
     cfg = recipes.apply_overrides(recipes.load(args.recipe), args.overrides)
-    if "sequence_len" not in cfg:
+    if not RecipeFacts.of(cfg).sequence_len_set:
         raise LoftError(f"{args.recipe} sets no sequence_len; the benchmark needs one")
     task = task_of(cfg)
     arch_name, arch = resolve_arch(str(cfg.get("base_model", "")), args.arch)
@@ -383,7 +332,8 @@ def run(args) -> int:
     profile_step = total if args.profile else None
 
     # Data: enough rows for the Loft run's tokens per step, times the steps, with a margin.
-    seq, mb, ga = cfg["sequence_len"], cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
+    seq = RecipeFacts.of(cfg).sequence_len
+    mb, ga = cfg.get("micro_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
     mean = sum(row_lengths(256, args.data, seq)) / 256
     packed = bool(cfg.get("sample_packing")) and task == "sft"
     loft_step_tokens = mb * ga * (seq if packed else mean) * args.gpus  # every rank takes its own rows
@@ -400,39 +350,42 @@ def run(args) -> int:
         env["LOFT_SPEED_PROFILE_STEP"] = str(profile_step)
 
     results = {}
-    if args.only != "baseline":
+    if "loft" in keys:
         (work / "loft").mkdir(parents=True, exist_ok=True)
         loft_cfg = bench_config(cfg, model_dir, tokenizer, data, total)
         results["loft"] = summarize(run_loft(args.recipe, loft_cfg, work, env, args.gpus), params, args.warmup,
                                     args.steps, args.peak_tflops)
-        results["loft"]["estimated_allocated_gib"] = estimated_gib(loft_cfg, args.gpus)
+        results["loft"].update(estimated_allocated_gib=estimated_gib(loft_cfg, args.gpus), versions=peers.versions(),
+                               settings={k: v for k, v in cfg.items() if k not in DROP})
         print(line(results["loft"]), flush=True)
-    if args.vs == "baseline" or args.only == "baseline":
-        # Same tokens per optimizer step: the baseline (no packing) accumulates as many rows as the Loft run packed.
-        step_tokens = results.get("loft", {}).get("tokens_per_step") or loft_step_tokens
-        base_ga = ga if not packed else max(1, round(step_tokens / (mb * mean)))
-        cmd = baseline_command(cfg, model_dir, tokenizer, data, work / "baseline" / "speed.json", total, base_ga,
-                               baseline_cap(args.cap_gib, args.baseline_cap_gib), profile_step)
-        results["baseline"] = summarize(run_baseline(cmd, work), params, args.warmup, args.steps, args.peak_tflops)
-        results["baseline"]["grad_accum"] = base_ga
-        print(line(results["baseline"]), flush=True)
+    # Same tokens per optimizer step for every runner (harness.grad_accum). Peers pack short rows when the recipe
+    # does; full-length rows have nothing to pack, and the tools' docs advise packing only for short rows.
+    step_tokens = results.get("loft", {}).get("tokens_per_step") or loft_step_tokens
+    for key in (k for k in keys if k != "loft"):
+        packs = packed and args.data != "full" and key != "baseline"
+        key_ga = harness.grad_accum(packs, packed, ga, mb, step_tokens, mean)
+        cap = baseline_cap(args.cap_gib, args.baseline_cap_gib) if key == "baseline" else args.cap_gib
+        cmd = harness.command(key, task, cfg, model_dir, tokenizer, data, work / key / "speed.json", total, key_ga,
+                              cap, profile_step, packing=packs)
+        results[key] = summarize(harness.run(key, cmd, work), params, args.warmup, args.steps, args.peak_tflops)
+        results[key].update(grad_accum=key_ga, packing=packs)
+        print(line(results[key]), flush=True)
 
     report = {
         "name": name, "recipe": str(args.recipe), "overrides": args.overrides, "task": task, "arch": arch_name,
-        "n_params": params, "date": date.today().isoformat(), "versions": versions(),
+        "n_params": params, "date": date.today().isoformat(), "versions": peers.versions(),
         "command": invocation(),
         "data": {"profile": args.data, "rows": rows, "mean_row_tokens": round(mean, 1), "sequence_len": seq},
         "warmup": args.warmup, "steps": args.steps, "cap_gib": args.cap_gib, "gpus": args.gpus,
         "baseline_cap_gib": baseline_cap(args.cap_gib, args.baseline_cap_gib), "runners": results,
-        "ratios": ratios(results["loft"], results["baseline"]) if len(results) == 2 else None,
+        "versus": harness.versus(results), "strongest": harness.strongest(results),
+        "ratios": harness.versus(results).get("baseline"),  # Loft ÷ naive, the key earlier results files use
         "definitions": {"tokens_per_s": "non-padding input tokens of grad-enabled forwards in the timed optimizer "
                         "steps / synchronised wall-clock from the end of the last warm-up step to the end of the "
                         "last timed step", "mfu": "6 * n_params * tokens_per_s / dense bf16 peak"},
     }
-    if report["ratios"]:
-        print(f"  loft / baseline: {report['ratios']['tokens_per_s']}x tokens/s, "
-              f"{report['ratios']['tokens_per_step']}x tokens per step, "
-              f"{report['ratios']['peak_reserved']}x peak reserved")
+    if "loft" in results:
+        print("\n".join(harness.summary_lines(results)), flush=True)
     text = json.dumps(report, indent=1)
     (work / "speed.json").write_text(text)
     if args.json:

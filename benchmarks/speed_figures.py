@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks.report import _pyplot
 from training.errors import LoftError
 
-SWEEP = "t4-llama8b-long-"  # target 4: the long recipe and the baseline at several lengths under one cap
+SWEEP = "t4-llama8b-long-"  # run names of the long recipe and the baseline at several lengths under one 12 GiB cap
 COLORS = {"loft": "#4c72b0", "baseline": "#c44e52"}
 
 

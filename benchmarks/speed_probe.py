@@ -1,7 +1,7 @@
 """What `loft bench speed` measures inside a training process, the same way for every runner.
 
-Both runners (Axolotl through the recipe, and the hand-written TRL baseline) are Hugging Face Trainers, so one
-TrainerCallback measures both:
+Every runner (Axolotl through the recipe; the naive and the tuned TRL scripts; Unsloth, whose trainers are TRL's)
+is a Hugging Face Trainer, so one TrainerCallback measures them all:
 
   * tokens: non-padding input tokens of every forward pass that builds a graph, counted at the input embedding.
     Forwards under no_grad (DPO's reference pass, evaluation) are not training work and are not counted;
@@ -89,9 +89,10 @@ def write(path: str | Path, record: dict) -> None:
     rank_path(path).write_text(json.dumps(record, indent=1))
 
 
-def does_not_fit(path: str | Path, runner: str, cap_gib: float | None, exc: BaseException) -> dict:
+def does_not_fit(path: str | Path, runner: str, cap_gib: float | None, exc: BaseException,
+                 meta: dict | None = None) -> dict:
     record = {"runner": runner, "status": "does_not_fit", "cap_gib": cap_gib, "device": device_name(),
-              "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__, **memory()}
+              "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__, **memory(), **(meta or {})}
     write(path, record)
     return record
 
@@ -132,9 +133,12 @@ class SpeedCallback(TrainerCallback):
 
     profile_step: if set, that step (1-based, after the timed ones) runs under torch.profiler and its top
     kernels are written next to the JSON; the harness never times it.
+    meta: what the runner adds to its record (its settings and package versions).
+    losses: the training loss the trainer logged at each step, to check that a faster setting learns the same.
     """
 
-    def __init__(self, out_path, runner: str, pad_id: int, cap_gib=None, profile_step: int | None = None):
+    def __init__(self, out_path, runner: str, pad_id: int, cap_gib=None, profile_step: int | None = None,
+                 meta: dict | None = None):
         self.out_path = Path(out_path)
         self.runner = runner
         self.counter = TokenCounter(pad_id)
@@ -144,6 +148,7 @@ class SpeedCallback(TrainerCallback):
         self.profiler = None
         self.top_kernels = None
         self.load_peaks = (0, 0)
+        self.meta = meta or {}
         self.losses: list[float] = []  # logged train loss per step (averaged over ranks by the Trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -171,15 +176,15 @@ class SpeedCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
+            self.losses.append(round(float(logs["loss"]), 4))
 
     def on_train_end(self, args, state, control, **kwargs):
         write(self.out_path, self.record())
 
     def record(self) -> dict:
         return {"runner": self.runner, "status": "ok", "cap_gib": self.cap_gib, "device": device_name(),
-                "torch": torch.__version__, "marks": self.marks, "top_kernels": self.top_kernels,
-                "losses": self.losses, **memory(self.load_peaks)}
+                "torch": torch.__version__, "marks": self.marks, "losses": self.losses,
+                "top_kernels": self.top_kernels, **memory(self.load_peaks), **self.meta}
 
 
 def top_kernels(prof, table_path: Path, n: int = 15) -> list[dict]:
@@ -198,6 +203,22 @@ def callback_from_env(runner: str = "loft") -> SpeedCallback:
     cap = os.environ.get(ENV_CAP)
     return SpeedCallback(os.environ[ENV_OUT], runner, int(os.environ.get(ENV_PAD, "0")),
                          cap_gib=float(cap) if cap else None, profile_step=int(profile) if profile else None)
+
+
+def measure(args, runner: str, build_trainer, meta: dict) -> int:
+    """A runner's whole measurement: peaks over the process, the memory cap, the callback, and an out-of-memory
+    error recorded as "does not fit" (any other error propagates: the harness reports it with the log)."""
+    keep_peaks()
+    apply_cap(args.cap_gib)
+    callback = SpeedCallback(args.out, runner, args.pad_id, cap_gib=args.cap_gib, profile_step=args.profile_step,
+                             meta=meta)
+    try:
+        build_trainer(args, callback).train()
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        does_not_fit(args.out, runner, args.cap_gib, exc, meta)
+    return 0
 
 
 def install_oom_hook(out_path: str, runner: str, cap_gib) -> None:

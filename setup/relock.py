@@ -35,10 +35,6 @@ PYPI = "https://pypi.org/simple"
 CUDA_RUNTIME = re.compile(r"^(cuda-toolkit|cuda-bindings|cuda-pathfinder|nvidia-(?!ml-py).*)$")
 
 
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def resolve(python: str, reqs: list[str], work: Path) -> dict:
     """pip's installation report for reqs on `python` (a fresh venv with a current pip; PyPI only)."""
     venv = work / f"venv{python}"
@@ -74,21 +70,21 @@ def torch_closure(items: dict) -> set[str]:
                 continue
             head = re.match(r"([A-Za-z0-9][\w.\-]*)\s*(?:\[([^\]]*)\])?", req)
             wanted = frozenset(e.strip() for e in (head[2] or "").split(",") if e.strip())
-            todo.append((norm(head[1]), wanted))
+            todo.append((plan.norm(head[1]), wanted))
     return {name for name, _ in seen}
 
 
 def relock(profile: str, pythons: list[str]) -> Path:
     spec = plan.PROFILES[profile]
     cpu = plan.read_lock(REQS / "cpu.txt")
-    reqs = [f"{p.name}=={p.version}" for p in cpu.pins if norm(p.name) not in ("torch", "triton")]
+    reqs = [f"{p.name}=={p.version}" for p in cpu.pins if plan.norm(p.name) not in ("torch", "triton")]
     reqs.append(f"torch=={spec['torch_pypi']}")
-    keep = {norm(p.name) for p in cpu.pins}
+    keep = {plan.norm(p.name) for p in cpu.pins}
     chosen: dict[str, dict] = {}  # norm name -> {name, version, hashes, sdist}
     with tempfile.TemporaryDirectory() as tmp:
         for py in pythons:
             report = resolve(py, reqs, Path(tmp))
-            items = {norm(i["metadata"]["name"]): i for i in report["install"]}
+            items = {plan.norm(i["metadata"]["name"]): i for i in report["install"]}
             wanted = (keep | torch_closure(items)) - {"pip"}
             for key in sorted(wanted & items.keys()):
                 meta, info = items[key]["metadata"], items[key]["download_info"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import doctor, lints, memory
+from training import arch, doctor, lints, memory
 from training.errors import LoftError
 from training.paths import REPO, apply_private_env
 
@@ -223,7 +223,7 @@ def test_prequantized_base_by_name_and_by_config(tmp_path, data):
     assert "merged" in f.reason
     model = tmp_path / "quantized-model"  # a local checkpoint whose config.json carries quantization_config
     model.mkdir()
-    conf = json.loads((memory.ARCHS / "Qwen2.5-0.5B-Instruct.json").read_text())
+    conf = json.loads((arch.ARCHS / "Qwen2.5-0.5B-Instruct.json").read_text())
     conf["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (model / "config.json").write_text(json.dumps(conf))
     f = only(findings(make(tmp_path, data, base_model=str(model), **LIGER), data=False), "LOFT-L201", "warning")
@@ -308,7 +308,7 @@ def test_missing_quantization_and_kernel_packages(tmp_path, data, monkeypatch):
 
 # ---------------------------------------------------------------- M3xx memory
 def test_estimator_matches_measured_peaks():
-    """Every Axolotl run committed from the GPU host within ±10% (issue #4), at least 8 of them from
+    """Every Axolotl run committed from the GPU host within ±10%, at least 8 of them from
     `loft doctor --measure`; the TRL-only runs (another runner, row lengths not recorded) within 30%."""
     rows = memory.calibration_table()
     for row in rows:
@@ -326,13 +326,13 @@ def test_memory_md_holds_the_current_calibration():
 
 def test_architecture_lookup_by_name():
     for name in ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "unsloth/Qwen2.5-7B-Instruct-bnb-4bit"):
-        arch = memory.find_arch(name)
-        assert arch and arch.hidden == 3584 and arch.vocab == 152064 and not arch.tied
-    llama = memory.find_arch("meta-llama/Meta-Llama-3.1-8B-Instruct")
+        found = arch.find_arch(name)
+        assert found and found.hidden == 3584 and found.vocab == 152064 and not found.tied
+    llama = arch.find_arch("meta-llama/Meta-Llama-3.1-8B-Instruct")
     assert llama.params == pytest.approx(8.03e9, rel=0.01)
-    assert memory.find_arch("Qwen/Qwen2.5-7B-Instruct").params == pytest.approx(7.62e9, rel=0.01)
-    assert memory.find_arch("runs/models/smollm2-135m-instruct").params == pytest.approx(134.5e6, rel=0.01)
-    assert memory.find_arch("acme/unknown-7b") is None
+    assert arch.find_arch("Qwen/Qwen2.5-7B-Instruct").params == pytest.approx(7.62e9, rel=0.01)
+    assert arch.find_arch("runs/models/smollm2-135m-instruct").params == pytest.approx(134.5e6, rel=0.01)
+    assert arch.find_arch("acme/unknown-7b") is None
 
 
 def test_verdicts_and_the_cheapest_change_that_fits(tmp_path, data):

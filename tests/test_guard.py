@@ -90,7 +90,7 @@ def recipe(work: Path, name: str, base: Path, data: Path, **changes) -> Path:
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, dict]:
     from training.demo import ensure_demo_data
-    from training.train import launch
+    from training.axolotl import launch
 
     work = tmp_path_factory.mktemp("guard")
     src = ensure_demo_data()

@@ -9,7 +9,7 @@
     wandb switch shown, no empty keys, no pre-quantized base, and every coverage sum agrees with the keys.
   * train (one run per family × method): 2 optimizer steps of real Axolotl training on CPU, on a tiny random
     model of the recipe's architecture with the embedded SmolLM2 tokenizer, through training.recipe
-    (overrides, resolved YAML) and training.train.launch (the `loft train` launcher). Besides size
+    (overrides, resolved YAML) and training.axolotl.launch (the `loft train` launcher). Besides size
     (sequence_len 128, max_steps 2, micro-batch 2 × accum 1, a 16-row chat fixture, no eval set, no worker
     processes), only what a CPU cannot run is swapped: the Liger plugin and Axolotl's fused LoRA kernels
     (Triton GPU kernels), bf16/tf32 (fp32 on CPU). bitsandbytes 0.50 runs on CPU, so QLoRA trains as nf4 +
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from training import recipe as recipes
-from training import train as trainer
+from training.axolotl import launch
 from training.model import ensure_default_model
 from training.paths import REPO, apply_private_env
 
@@ -364,7 +364,7 @@ def test_two_steps_on_cpu(name, tiny_models, tmp_path):
     cfg = cpu_config(path, tiny_models, run_dir)
     resolved = recipes.write(cfg, run_dir, path)
 
-    trainer.launch(resolved, run_dir / "train.log")
+    launch(resolved, run_dir / "train.log")
 
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists(), f"no adapter written; see {run_dir / 'train.log'}"
@@ -426,7 +426,7 @@ def test_loft_dpo_trainer_trains_the_dpo_recipe(tiny_models, tmp_path):
     path = RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml"
     run_dir = tmp_path / "run"
     cfg = recipes.apply_overrides(cpu_config(path, tiny_models, run_dir), ["trainer_cls=training.dpo.LoftDPOTrainer"])
-    trainer.launch(recipes.write(cfg, run_dir, path), run_dir / "train.log")
+    launch(recipes.write(cfg, run_dir, path), run_dir / "train.log")
     logged = scalars(run_dir)
     assert [step for step, _ in logged.get("train/loss", [])][-1:] == [2], f"see {run_dir / 'train.log'}"
     assert logged.get("train/rewards/margins")

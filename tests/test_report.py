@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import faithfulness, report, style, versus
 from training.cli import main
+from training.paths import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_LOSS = [4.3 - 0.05 * step for step in range(1, 21)]
@@ -36,29 +37,29 @@ def run_dir(tmp_path_factory):
              "The result is cached on disk so that a second call returns at once."] * 3
     result = style.style_report(verse, {"base": prose, "fine-tuned": verse[::-1]}, n_boot=30)
     result["samples"] = style.voice_table(["Continue: a|b"] * 2, {"base": prose, "fine-tuned": verse}, verse, n=2)
-    (run / report.STYLE_JSON).write_text(json.dumps(result))
+    (run / RunDir.STYLE_JSON).write_text(json.dumps(result))
 
     items = versus.math_problems(6)
     outs = {"fine-tuned": [str(i["answer"]) for i in items], "base": ["0"] * 3 + [str(i["answer"]) for i in items[3:]]}
-    (run / report.VERSUS_JSON).write_text(json.dumps({"tasks": {"math": versus.head_to_head(
+    (run / RunDir.VERSUS_JSON).write_text(json.dumps({"tasks": {"math": versus.head_to_head(
         "math", items, outs, "fine-tuned", "base")}}))
 
     sources = faithfulness.load_sources()[:3]
-    (run / report.FAITHFULNESS_JSON).write_text(json.dumps(faithfulness.faithfulness_report(
+    (run / RunDir.FAITHFULNESS_JSON).write_text(json.dumps(faithfulness.faithfulness_report(
         sources, {"base": [s["source"] for s in sources], "fine-tuned": ["Said Zed, 99."] * 3})))
-    (run / report.MERGE_JSON).write_text(json.dumps(
+    (run / RunDir.MERGE_JSON).write_text(json.dumps(
         {"dtype": "bf16", "verification": {"passed": True, "top1_agreement": 0.9871, "kl_mean": 0.00123}}))
-    (run / report.EXPORT_JSON).write_text(json.dumps({"eval": {"text": "held-out Hamlet"}, "files": [
+    (run / RunDir.EXPORT_JSON).write_text(json.dumps({"eval": {"text": "held-out Hamlet"}, "files": [
         {"quant": "F16", "file": "m-F16.gguf", "bytes": 270_000_000, "ppl": 21.5, "ppl_vs_f16": 0.0},
         {"quant": "Q8_0", "file": "m-Q8_0.gguf", "bytes": 145_000_000, "ppl": 21.61, "ppl_vs_f16": 0.00512}]}))
-    (run / report.PIPELINE_JSON).write_text(json.dumps({"train": 241.5, "export": 33.0}))
+    (run / RunDir.PIPELINE_JSON).write_text(json.dumps({"train": 241.5, "export": 33.0}))
     return run
 
 
 @pytest.fixture(scope="module")
 def rendered(run_dir):
     path = report.render(run_dir)
-    return path.read_text(), (run_dir / report.REPORT_HTML).read_text()
+    return path.read_text(), (run_dir / RunDir.REPORT_HTML).read_text()
 
 
 def test_report_shows_the_saved_numbers(run_dir, rendered):
@@ -66,9 +67,9 @@ def test_report_shows_the_saved_numbers(run_dir, rendered):
     assert f"{TRAIN_LOSS[0]:.4f}" in md and f"{TRAIN_LOSS[-1]:.4f}" in md  # first and last train loss
     assert "4.5000" in md and "3.2500" in md  # eval loss
     assert "learning_rate" not in md  # only loss curves are drawn
-    s = json.loads((run_dir / report.STYLE_JSON).read_text())["scores"]["fine-tuned"]
+    s = json.loads((run_dir / RunDir.STYLE_JSON).read_text())["scores"]["fine-tuned"]
     assert f"{s['score']:.1f}" in md and f"[{s['ci95'][0]:.1f}, {s['ci95'][1]:.1f}]" in md
-    v = json.loads((run_dir / report.VERSUS_JSON).read_text())["tasks"]["math"]
+    v = json.loads((run_dir / RunDir.VERSUS_JSON).read_text())["tasks"]["math"]
     assert (v["wins"], v["ties"], v["losses"]) == (3, 3, 0)
     assert f"| math | fine-tuned | base | 6 | 3 | 3 | 0 | 50% |" in md and f"{v['p_value']:.3g}" in md
     assert "| fine-tuned | 100% (3/3) |" in md and "| base | 0% (0/3) |" in md  # faithfulness
@@ -102,6 +103,6 @@ def test_cli_refuses_a_folder_with_nothing_to_report(tmp_path, capsys):
     rc = main(["report", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc != 0 and "nothing to report" in err and "Traceback" not in err and err.count("\n") == 1
-    (tmp_path / report.STYLE_JSON).write_text("{not json")
+    (tmp_path / RunDir.STYLE_JSON).write_text("{not json")
     assert main(["report", str(tmp_path)]) != 0
     assert "is not valid JSON" in capsys.readouterr().err

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from benchmarks import speed, speed_probe
+from benchmarks.peers import harness
 from training import recipe as recipes
+from training.arch import Arch
 from training.errors import LoftError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,13 +27,18 @@ def tiny_model():
 
 
 # ---------------------------------------------------------------- arithmetic
-def test_n_params_matches_the_published_sizes():
-    assert speed.n_params(QWEN7) == 7_615_616_512  # Qwen2.5-7B: 7.61B
-    assert speed.n_params(LLAMA8) == 8_030_261_248  # Llama-3.1-8B: 8.03B
+def test_parameter_count_matches_the_published_sizes():
+    assert Arch.from_config(LLAMA8, "llama", "").params == 8_030_261_248  # Llama-3.1-8B: 8.03B
+    # Qwen2's q/k/v biases (129,024 values) are the only thing the count leaves out
+    assert Arch.from_config(QWEN7, "qwen", "").params == 7_615_616_512 - 28 * (3584 + 2 * 512)
 
 
-def test_n_params_matches_a_real_model(tiny_model):
-    assert speed.n_params(speed.TINY) == tiny_model.num_parameters()
+def test_parameter_count_matches_a_real_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    llama = {**speed.TINY, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llama))
+    assert Arch.from_config(llama, "tiny", "").params == model.num_parameters()
 
 
 def test_mfu_is_6n_tokens_over_peak():
@@ -147,7 +154,7 @@ def test_baseline_reports_oom_raised_in_a_training_step(tmp_path, monkeypatch):
 def test_tokenizer_gives_one_token_per_word_and_exact_row_lengths(tmp_path):
     from transformers import AutoTokenizer
 
-    from training.measure import word_tokenizer
+    from training.axolotl import word_tokenizer
 
     tok = AutoTokenizer.from_pretrained(word_tokenizer())
     assert tok.pad_token_id == speed.PAD_ID and len(tok) < speed.TINY["vocab_size"]
@@ -187,7 +194,7 @@ def test_baseline_command_carries_the_recipe_hyperparameters(tmp_path):
     cfg = {"sequence_len": 1024, "micro_batch_size": 1, "learning_rate": 2e-4, "optimizer": "paged_adamw_8bit",
            "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "adapter": "qlora", "load_in_4bit": True,
            "gradient_checkpointing": True}
-    cmd = speed.baseline_command(cfg, tmp_path, tmp_path, tmp_path / "d", tmp_path / "o", 5, 43, 12.0, None)
+    cmd = harness.command("baseline", "sft", cfg, tmp_path, tmp_path, tmp_path / "d", tmp_path / "o", 5, 43, 12.0, None)
     args = " ".join(cmd)
     assert "--grad-accum 43" in args and "--load-in-4bit" in args and "--gradient-checkpointing" in args
     assert "--optimizer paged_adamw_8bit" in args and "--cap-gib 12.0" in args and "--task sft" in args
@@ -201,8 +208,8 @@ def test_baseline_cap_follows_cap_gib_unless_told():
     assert speed.baseline_cap(11.0, None) == 11.0
     assert speed.baseline_cap(11.0, 0) is None  # uncapped: time a baseline that does not fit the card
     assert speed.baseline_cap(None, 24.0) == 24.0
-    cmd = speed.baseline_command({"sequence_len": 64}, Path("m"), Path("t"), Path("d"), Path("o"), 3, 1,
-                                 speed.baseline_cap(11.0, 0), None)
+    cmd = harness.command("baseline", "sft", {"sequence_len": 64}, Path("m"), Path("t"), Path("d"), Path("o"), 3, 1,
+                          speed.baseline_cap(11.0, 0), None)
     assert "--cap-gib" not in cmd
 
 
@@ -231,10 +238,10 @@ def test_report_line_and_ratios():
     loft = {"runner": "loft", "status": "ok", "tokens_per_s": 8590.0, "tokens_per_step": 8123, "step_s_median": 0.97,
             "peak_allocated_gib": 5.4, "peak_reserved_gib": 9.0, "mfu": 0.397}
     base = dict(loft, runner="baseline", tokens_per_s=312.0, tokens_per_step=8069, peak_reserved_gib=8.7)
-    r = speed.ratios(loft, base)
+    r = harness.ratios(loft, base)
     assert r["tokens_per_s"] == 27.53 and r["tokens_per_step"] == 1.01
     assert "8,590 tok/s" in speed.line(loft) and "MFU 39.7%" in speed.line(loft)
-    assert speed.ratios(loft, {"status": "does_not_fit"}) is None
+    assert harness.ratios(loft, {"status": "does_not_fit"}) is None
 
 
 # ---------------------------------------------------------------- figures from a committed results file

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 from training.paths import REPO
+from training.recipe import RecipeFacts
 
-PREFERENCE = ("dpo", "ipo", "orpo", "simpo", "kto")
 ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
 SHOW = 5  # line numbers listed per problem
 
@@ -177,7 +177,7 @@ def chat_template(cfg: dict, vcfg, ds: dict, tok) -> str | None:
 
 
 def length_report(lengths: list[int], cfg: dict, section: str, key: str, report, stats: dict):
-    seq = cfg.get("sequence_len") if isinstance(cfg.get("sequence_len"), int) else 2048
+    seq = RecipeFacts.of(cfg).sequence_len
     ordered = sorted(lengths)
     over = sum(n > seq for n in lengths)
     pct = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
@@ -204,7 +204,7 @@ def check_masking(rows, ds: dict, cfg: dict, vcfg, tok, section: str, key: str, 
     strategy = load_strategy(tok, vcfg, dict(ds))
     train_roles = set(ds.get("roles_to_train") or ["assistant"])
     on_inputs = bool(vcfg.get("train_on_inputs"))
-    seq = cfg.get("sequence_len") if isinstance(cfg.get("sequence_len"), int) else 2048
+    seq = RecipeFacts.of(cfg).sequence_len
     truncate = str(cfg.get("excess_length_strategy") or "drop") == "truncate"
     field = ds.get("field_messages") or "messages"
     for line, row in rows:
@@ -292,7 +292,8 @@ def check_preference(rows, ds: dict, cfg: dict, tok, section: str, key: str, rep
 def check(cfg: dict, vcfg, report) -> None:
     """Fill report.data with row counts and length statistics; add D1xx findings."""
     stats = report.data
-    rl = cfg.get("rl") if cfg.get("rl") in PREFERENCE else None
+    facts = RecipeFacts.of(cfg)
+    rl = facts.rl if facts.preference else None
     tok = None
     summary = []
     for section in ("datasets", "test_datasets"):

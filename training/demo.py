@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from training.errors import LoftError
-from training.paths import MERGED, REPO, RUNS, cache_dir
+from training.paths import MERGED, REPO, RUNS, RunDir, cache_dir
 
 HELP = "Run the whole pipeline on the embedded SmolLM2-135M and Shakespeare; print where the report is."
 EXAMPLE = "loft demo            # about 10 minutes on 2 CPU cores"
@@ -67,7 +67,7 @@ def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False)
     from training.model import ensure_default_model
     from training.serve import llama_server
 
-    run_dir = RUNS / name
+    run = RunDir.named(name)
     timings = {}
 
     def stage(label: str):
@@ -80,22 +80,22 @@ def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False)
     prompts, refs = heldout(data_dir)
 
     stage("train")
-    if resume and (run_dir / "adapter" / "adapter_model.safetensors").exists():
-        print(f"loft demo: --resume: keeping the adapter in {run_dir / 'adapter'}")
+    if resume and (run.adapter / "adapter_model.safetensors").exists():
+        print(f"loft demo: --resume: keeping the adapter in {run.adapter}")
     else:
         overrides = [f"max_steps={steps}"] if steps else []
         train.train(RECIPE, name=name, overrides=overrides)
 
     stage("merge")
     merged = MERGED / f"smollm2-135m-{name}"
-    merge_report = merge.merge(run_dir / "adapter", merged, dtype="bf16", force=True, eval_path=data_dir / "eval.jsonl")
-    (run_dir / report.MERGE_JSON).write_text(json.dumps(merge_report, indent=2))
+    merge_report = merge.merge(run.adapter, merged, dtype="bf16", force=True, eval_path=data_dir / "eval.jsonl")
+    run.merge_json.write_text(json.dumps(merge_report, indent=2))
 
     stage("export")
-    heldout_text = run_dir / "heldout.txt"
+    heldout_text = run.heldout
     heldout_text.write_text("\n\n".join(refs), encoding="utf-8")
-    export_report = export.export(merged, run_dir / "gguf", ["f16", "q8_0", "q5_k_m", "q4_k_m"], eval_text=heldout_text)
-    (run_dir / report.EXPORT_JSON).write_text(json.dumps(export_report, indent=2))
+    export_report = export.export(merged, run.gguf, ["f16", "q8_0", "q5_k_m", "q4_k_m"], eval_text=heldout_text)
+    run.export_json.write_text(json.dumps(export_report, indent=2))
     tuned = next(Path(f["path"]) for f in export_report["files"] if f["quant"] == "f16")
 
     stage("serve + generate")
@@ -111,8 +111,8 @@ def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False)
 
     stage("head-to-head + faithfulness")
     math = versus.head_to_head("math", math_items, math_out, "fine-tuned", "base")
-    (run_dir / report.VERSUS_JSON).write_text(json.dumps({"tasks": {"math": math}, "seed": 0}, indent=2))
-    (run_dir / report.FAITHFULNESS_JSON).write_text(
+    run.versus_json.write_text(json.dumps({"tasks": {"math": math}, "seed": 0}, indent=2))
+    run.faithfulness_json.write_text(
         json.dumps(faithfulness.faithfulness_report(sources, summaries), indent=2))
 
     stage("style benchmark")
@@ -121,13 +121,13 @@ def pipeline(name: str = "demo", steps: int | None = None, resume: bool = False)
         {"prompt": p[-1]["content"], "base": b, "fine-tuned": f, "reference": r}
         for p, b, f, r in list(zip(prompts, outputs["base"], outputs["fine-tuned"], refs))[:4]
     ]
-    (run_dir / report.STYLE_JSON).write_text(json.dumps(result, indent=2))
+    run.style_json.write_text(json.dumps(result, indent=2))
 
     stage("report")
-    path = report.render(run_dir)
+    path = report.render(run.path)
     timings["end"] = time.time()
     labels = list(timings)
-    (run_dir / report.PIPELINE_JSON).write_text(json.dumps(
+    run.pipeline_json.write_text(json.dumps(
         {a: round(timings[b] - timings[a], 1) for a, b in zip(labels, labels[1:])}, indent=2))
     return path
 

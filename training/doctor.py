@@ -18,7 +18,6 @@ silenced from the recipe with a comment naming its code and the reason, e.g.
 """
 
 import copy
-import difflib
 import json
 import re
 import sys
@@ -151,7 +150,7 @@ def schema(cfg: dict, report: Report):
     """Axolotl's own validation; returns the validated DictDefault (or None when it rejects the recipe)."""
     from pydantic import ValidationError
 
-    from training.recipe import axolotl_keys
+    from training.recipe import RecipeFacts, axolotl_keys, closest
 
     extra = plugin_fields(cfg, report)
     known = axolotl_keys() | extra
@@ -160,9 +159,9 @@ def schema(cfg: dict, report: Report):
             report.add("LOFT-E002", "error", f"key {key!r} is not a name", "recipe keys are Axolotl option names")
             cfg.pop(key)
         elif key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            liger = key.startswith("liger_") and not any("liger" in p.lower() for p in cfg.get("plugins") or [])
-            fix = (f"did you mean `{close[0]}`?" if close and not liger else
+            close = closest(key, known)
+            liger = key.startswith("liger_") and not RecipeFacts.of(cfg).liger
+            fix = (f"did you mean `{close}`?" if close and not liger else
                    "Liger keys need `plugins: [axolotl.integrations.liger.LigerPlugin]`" if liger else
                    "remove it, or list the plugin that defines it under plugins:")
             report.add("LOFT-E002", "error", f"unknown Axolotl key `{key}`: Axolotl would drop it silently", fix, key=key)
@@ -219,7 +218,9 @@ def _dataset_keys(cfg: dict, report: Report):
     def fields(model) -> set[str]:
         return set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
 
-    rl = cfg.get("rl")
+    from training.recipe import RecipeFacts, closest
+
+    rl = RecipeFacts.of(cfg).rl
     default = fields(DPODataset if rl in ("dpo", "ipo", "simpo") else KTODataset if rl == "kto" else SFTDataset)
     synthetic = fields(SyntheticDataset)
     for section in ("datasets", "test_datasets"):
@@ -234,9 +235,9 @@ def _dataset_keys(cfg: dict, report: Report):
             known = synthetic if entry.get("type") == "_synthetic" else default
             for key in entry:
                 if isinstance(key, str) and key not in known:
-                    close = difflib.get_close_matches(key, known, n=1)
+                    close = closest(key, known)
                     report.add("LOFT-E006", "error", f"unknown dataset key `{key}` in {section}[{i}]: Axolotl "
-                               "ignores it", f"did you mean `{close[0]}`?" if close else "remove it",
+                               "ignores it", f"did you mean `{close}`?" if close else "remove it",
                                key=f"{section}[{i}].{key}")
 
 

@@ -4,7 +4,7 @@ plain `accelerate launch -m axolotl.cli.train`). Two changes to Axolotl 0.19's A
 1. No `gc.collect()` + `torch.cuda.empty_cache()` after every micro-batch (AxolotlDPOTrainer.training_step,
    axolotl/core/trainers/dpo/trainer.py). With the Axolotl stack imported a full collection takes ~1 s, and emptying
    the cache makes the next micro-batch allocate everything again: on a tiny model Axolotl's DPO took 5.4-8.9 s per
-   step against TRL's 2.1-2.8 s for the same 8 micro-batches (benchmarks/RESULTS.md, target 3).
+   step against TRL's 2.1-2.8 s for the same 8 micro-batches (benchmarks/RESULTS.md, DPO QLoRA at 2,048 tokens).
 
 2. Sequence log-probabilities without the full-vocabulary logits. TRL's DPOTrainer._compute_loss runs the LM head
    on every position of chosen and rejected (2 x 2,048 x 152,064 logits for Qwen at 2,048 tokens: 1.16 GiB in bf16,

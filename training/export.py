@@ -35,6 +35,7 @@ from pathlib import Path
 
 from training import llama_cpp
 from training.errors import LoftError
+from training.paths import RunDir
 
 HELP = "Convert a merged model to GGUF (F16 + quants) with llama.cpp, with sizes and perplexity vs F16."
 EXAMPLE = "loft export merged_models/smollm2-shakespeare --quants f16,q8_0,q4_k_m"
@@ -62,7 +63,7 @@ DISK_MARGIN = 1.10  # on top of the estimate
 DISK_SLACK = 64 << 20  # bytes, for metadata, logs and filesystem overhead
 PPL_CTX = 128
 PPL_CHUNKS = 16
-REPORT = "export-report.json"
+REPORT = RunDir.EXPORT_JSON
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+|nan|inf)(?: \+/- ([0-9.]+|nan|inf))?")
 
 
@@ -133,8 +134,8 @@ def check_disk(out: Path, need: int) -> None:
     free = shutil.disk_usage(_existing_parent(out)).free
     if free < need:
         raise LoftError(
-            f"not enough disk space in {out}: the export needs ~{_fmt(need)}, {_fmt(free)} is free "
-            f"({_fmt(need - free)} missing); free some space or pass --out on a bigger disk"
+            f"not enough disk space in {out}: the export needs ~{human_bytes(need)}, {human_bytes(free)} is free "
+            f"({human_bytes(need - free)} missing); free some space or pass --out on a bigger disk"
         )
 
 
@@ -175,7 +176,8 @@ def check_eval_length(merged: Path, text, ctx: int) -> None:
 
 
 # ---------------------------------------------------------------- stages
-def _fmt(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as the file sizes in the export and run reports)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -261,7 +263,7 @@ def export(
         return time.time()
 
     print(f"loft export: {merged} -> {out} ({', '.join(QUANTS[q][0] for q in quants)}; "
-          f"~{_fmt(need)} of disk needed, {_fmt(shutil.disk_usage(_existing_parent(out)).free)} free)", flush=True)
+          f"~{human_bytes(need)} of disk needed, {human_bytes(shutil.disk_usage(_existing_parent(out)).free)} free)", flush=True)
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     eval_tmp = None
@@ -271,13 +273,13 @@ def export(
         tmp["log"] = log
         llama_cpp.convert_hf_to_gguf(merged, tmp["f16"], "f16", log=log)
         log.unlink()
-        print(f"             F16 {_fmt(tmp['f16'].stat().st_size)} in {time.time() - t:.0f}s", flush=True)
+        print(f"             F16 {human_bytes(tmp['f16'].stat().st_size)} in {time.time() - t:.0f}s", flush=True)
 
         for q in built[1:]:
             t = progress(f"llama-quantize F16 -> {QUANTS[q][0]}")
             _run([str(root / "bin" / "llama-quantize"), str(tmp["f16"]), str(tmp[q]), QUANTS[q][0]],
                  f"llama-quantize to {QUANTS[q][0]}")
-            print(f"             {QUANTS[q][0]} {_fmt(tmp[q].stat().st_size)} in {time.time() - t:.0f}s", flush=True)
+            print(f"             {QUANTS[q][0]} {human_bytes(tmp[q].stat().st_size)} in {time.time() - t:.0f}s", flush=True)
 
         results = {q: {} for q in built}
         eval_desc = None
@@ -348,7 +350,7 @@ def format_table(report: dict) -> str:
     for f in report["files"]:
         ppl = f"{f['ppl']:.3f}" if f["ppl"] is not None else "-"
         rel = f"{100 * f['ppl_vs_f16']:+.2f}%" if f["ppl_vs_f16"] is not None else "-"
-        rows.append((f["type"], _fmt(f["bytes"]), ppl, rel, f["file"] or "(not kept)"))
+        rows.append((f["type"], human_bytes(f["bytes"]), ppl, rel, f["file"] or "(not kept)"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines)

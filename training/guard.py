@@ -30,6 +30,8 @@ from transformers import TrainerCallback
 
 from axolotl.integrations.base import BasePlugin
 
+from training.paths import RunDir
+
 
 class HealthGuardArgs(BaseModel):
     """Recipe keys of the health guard (Axolotl merges them into its config schema)."""
@@ -246,7 +248,7 @@ class HealthGuardCallback(TrainerCallback):
                            "load_best_model_at_end is off: the saved adapter is the last, overfit one; "
                            f"retrain with max_steps: {self.problem['best_step']}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "health.json").write_text(json.dumps(out, indent=2))
+        (self.output_dir / RunDir.HEALTH).write_text(json.dumps(out, indent=2))
         if self.problem and announce:
             p = self.problem
             verb = "stopping the run" if out["status"] == "stopped" else "continuing (loft_guard_action: warn)"
@@ -254,7 +256,7 @@ class HealthGuardCallback(TrainerCallback):
             lines += [f"    - {c}" for c in p["causes"]] + ["  try:"] + [f"    - {f}" for f in p["fixes"]]
             if out.get("note"):
                 lines.append(f"  note: {out['note']}")
-            lines.append(f"  written to {self.output_dir / 'health.json'}")
+            lines.append(f"  written to {self.output_dir / RunDir.HEALTH}")
             print("\n".join(lines), flush=True)
 
 

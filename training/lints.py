@@ -14,7 +14,8 @@ import re
 import subprocess
 import sys
 
-QUANTIZED_NAME = re.compile(r"(bnb-4bit|4bit|-awq|gptq|int4|int8|-8bit|nf4)", re.I)
+from training.arch import quantized_name
+from training.recipe import RecipeFacts
 
 
 def effective_batch(cfg: dict) -> int:
@@ -55,13 +56,14 @@ def check(cfg: dict, report, arch, est):
     epochs = cfg.get("num_epochs") if isinstance(cfg.get("num_epochs"), (int, float)) else 1
     batch = effective_batch(cfg)
     per_step = batch
-    if cfg.get("sample_packing") and data.get("mean_tokens") and isinstance(cfg.get("sequence_len"), int):
-        per_step = batch * max(1.0, 0.95 * cfg["sequence_len"] / data["mean_tokens"])  # rows packed per sequence
-    adapter = cfg.get("adapter")
+    facts = RecipeFacts.of(cfg)
+    if cfg.get("sample_packing") and data.get("mean_tokens") and facts.sequence_len_set:
+        per_step = batch * max(1.0, 0.95 * facts.sequence_len / data["mean_tokens"])  # rows packed per sequence
+    adapter = facts.adapter
 
     # L201 pre-quantized base
     base = str(cfg.get("base_model") or "")
-    if adapter in ("lora", "qlora") and (QUANTIZED_NAME.search(base) or (arch and arch.quantized)):
+    if adapter and (quantized_name(base) or (arch and arch.quantized)):
         why = "its config.json has a quantization_config" if arch and arch.quantized else "its name says so"
         report.add("LOFT-L201", "warning", f"base_model `{base}` is pre-quantized ({why}): the adapter will be "
                    "merged (`loft merge`) onto a quantized copy, and the merged model loses precision",
@@ -111,9 +113,9 @@ def check(cfg: dict, report, arch, est):
                    "max_grad_norm: 1.0", key="max_grad_norm")
 
     # L206 DPO with a second model
-    if cfg.get("rl") in ("dpo", "ipo") and adapter not in ("lora", "qlora"):
+    if facts.reference and not adapter:
         cost = f" (+{est.parts['weights']:.1f} GiB)" if est else ""
-        report.add("LOFT-L206", "warning", f"rl: {cfg['rl']} without an adapter trains the whole model and loads a "
+        report.add("LOFT-L206", "warning", f"rl: {facts.rl} without an adapter trains the whole model and loads a "
                    f"second full copy as the reference{cost}",
                    "adapter: qlora (or lora): the policy with its adapter disabled is the reference, no second model",
                    key="rl")
@@ -149,14 +151,15 @@ def check(cfg: dict, report, arch, est):
 def needed_packages(cfg: dict) -> list[tuple[str, str, str]]:
     out = []
     optimizer = str(cfg.get("optimizer") or "")
-    if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") or cfg.get("adapter") == "qlora":
-        out.append(("bitsandbytes", "4/8-bit loading", "load_in_4bit" if cfg.get("load_in_4bit") else "adapter"))
+    facts = RecipeFacts.of(cfg)
+    if facts.bits < 16:
+        out.append(("bitsandbytes", "4/8-bit loading", facts.quant_key))
     if ("8bit" in optimizer or "paged" in optimizer or "bnb" in optimizer) and not optimizer.startswith("ao_"):
         out.append(("bitsandbytes", f"optimizer {optimizer}", "optimizer"))
     if optimizer.startswith("ao_") or cfg.get("qat") or cfg.get("quantization"):
         out.append(("torchao", f"optimizer {optimizer}" if optimizer.startswith("ao_") else "QAT/quantization",
                     "optimizer" if optimizer.startswith("ao_") else "qat"))
-    if any("liger" in str(p).lower() for p in cfg.get("plugins") or []):
+    if facts.liger:
         out.append(("liger_kernel", "the Liger plugin", "plugins"))
     seen, unique = set(), []
     for item in out:

@@ -11,18 +11,18 @@
 The per-token and logits constants are fitted to peaks measured on an H100 (calibration_points() below: the
 shared/gpu-host README's points, `loft doctor --measure` runs and recipe runs committed in benchmarks/results/);
 `python -m training.memory` prints estimate vs measured (the table in benchmarks/MEMORY.md).
-Architectures come from training/archs/*.json (see its README) or the base model's local config.json.
+Architectures come from training/arch.py (training/archs/*.json or the base model's local config.json).
 """
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from training.arch import Arch, find_arch
+from training.parallel import option, per_gpu, strategy
 from training.paths import REPO
+from training.recipe import RecipeFacts
 
-ARCHS = Path(__file__).resolve().parent / "archs"
 GIB = 1024**3
 
 # Usable memory as the driver reports it (nvidia-smi total), GiB.
@@ -47,108 +47,11 @@ FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy 
 # Share of the checkpointed layer inputs each Axolotl 0.19 `activation_offloading` mode takes off the GPU. true/disk:
 # TRL's stream offloader (it replaces recomputation and keeps several tensors resident), fitted at 16,384 tokens;
 # hidden_states: the checkpointed inputs themselves (recomputation kept; +4.5/+5.0% at 20K/24K); legacy (synchronous)
-# offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B, T4.
+# offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B QLoRA, long rows in 12 GiB.
 OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
 DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.dpo (which imports it from here)
-CHUNK_BUFFERS = 3  # fitted (2 runs, T3): fp32 logits, the entropy metric's softmax or the gradient, a temporary
+CHUNK_BUFFERS = 3  # fitted (2 DPO runs): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
-
-
-@dataclass
-class Arch:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    source: str = ""
-    quantized: dict | None = None  # the config's quantization_config (a pre-quantized checkpoint)
-
-    @classmethod
-    def from_config(cls, cfg: dict, name: str, source: str) -> "Arch":
-        text = cfg.get("text_config") or cfg  # multimodal wrappers keep the LM in text_config
-        heads = text["num_attention_heads"]
-        hidden = text["hidden_size"]
-        return cls(
-            name=name,
-            hidden=hidden,
-            intermediate=text["intermediate_size"],
-            layers=text["num_hidden_layers"],
-            heads=heads,
-            kv_heads=text.get("num_key_value_heads") or heads,
-            head_dim=text.get("head_dim") or hidden // heads,
-            vocab=text["vocab_size"],
-            tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            source=source,
-            quantized=cfg.get("quantization_config"),
-        )
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each projection in one decoder layer."""
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def params(self) -> int:
-        return self.linear_params + self.embed_params + (2 * self.layers + 1) * self.hidden
-
-
-# ---------------------------------------------------------------- architecture lookup
-VARIANT_WORDS = {"instruct", "it", "chat", "hf", "bnb", "4bit", "8bit", "unsloth", "awq", "gptq", "int4", "int8",
-                 "base", "dynamic"}
-
-
-def normalize(name: str) -> str:
-    """'unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit' -> 'llama-3.1-8b' (variants share an architecture)."""
-    base = name.rstrip("/").split("/")[-1].lower()
-    base = base.removeprefix("meta-")
-    return "-".join(w for w in base.split("-") if w not in VARIANT_WORDS)
-
-
-def hub_cache_config(repo_id: str) -> Path | None:
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    snaps = hub / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    found = sorted(snaps.glob("*/config.json")) if snaps.is_dir() else []
-    return found[-1] if found else None
-
-
-def find_arch(base_model: str) -> Arch | None:
-    """The architecture of `base_model`: local folder, HF cache, then training/archs/ by name."""
-    if not base_model or not isinstance(base_model, str):
-        return None
-    for root in (Path.cwd(), REPO):
-        path = Path(base_model).expanduser()
-        path = path if path.is_absolute() else root / path
-        if (path / "config.json").is_file():
-            return _load(path / "config.json", base_model)
-    cached = hub_cache_config(base_model) if "/" in base_model else None
-    if cached:
-        return _load(cached, base_model)
-    want = normalize(base_model)
-    for file in sorted(ARCHS.glob("*.json")):
-        if normalize(file.stem) == want:
-            return _load(file, base_model)
-    return None
-
-
-def _load(path: Path, name: str) -> Arch | None:
-    try:
-        return Arch.from_config(json.loads(path.read_text()), name, str(path))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 # ---------------------------------------------------------------- what the recipe asks for
@@ -176,6 +79,8 @@ class Setup:
     fused_ce: bool = False
     liger_layers: bool = False
     rl: str | None = None
+    paired: bool = False  # chosen and rejected: two sequences per row
+    reference: bool = False  # DPO/IPO compare with a reference model
     separate_reference: bool = False  # DPO/IPO without an adapter loads the model twice
     precompute_ref: bool = False  # reference log-probs computed once before training
     chunked_logps: bool = False  # training.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
@@ -185,6 +90,7 @@ class Setup:
     world: int = 1  # processes (GPUs) in the run, all hosts together
     offload_params: bool = False  # ZeRO-3 offload_param / FSDP offload_params: weight shards in CPU RAM
     offload_optimizer: bool = False  # ZeRO offload_optimizer: optimizer state and fp32 master weights in CPU RAM
+    grad_accum: int = 1  # micro-batches per optimizer step (FSDP keeps whole gradients while accumulating)
 
     @classmethod
     def from_recipe(cls, cfg: dict, world: int = 1) -> "Setup":
@@ -192,11 +98,9 @@ class Setup:
             value = cfg.get(key)
             return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else default
 
+        facts = RecipeFacts.of(cfg)
         plugins = [p for p in cfg.get("plugins") or [] if isinstance(p, str)]
-        liger = any("liger" in p.lower() for p in plugins)
-        cce = any("cut_cross_entropy" in p for p in plugins) and cfg.get("cut_cross_entropy", True) is not False
-        quant = "4bit" if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora" else (
-            "8bit" if cfg.get("load_in_8bit") else "none")
+        quant = {4: "4bit", 8: "8bit"}.get(facts.bits, "none")
         bnb = cfg.get("bnb_config_kwargs") if isinstance(cfg.get("bnb_config_kwargs"), dict) else {}
         full_precision = not (_on(cfg.get("bf16")) or _on(cfg.get("fp16")))
         targets = cfg.get("lora_target_modules") or []
@@ -204,35 +108,35 @@ class Setup:
         if cfg.get("lora_target_linear"):
             targets = list(Arch.linear_shapes(Arch("", 1, 1, 1, 1, 1, 1, 1, False)))
         gc = cfg.get("gradient_checkpointing")
-        fsdp = cfg.get("fsdp_config") if isinstance(cfg.get("fsdp_config"), dict) else {}
-        if fsdp.get("activation_checkpointing") or fsdp.get("fsdp_activation_checkpointing"):
+        if option(facts.fsdp_options, "activation_checkpointing"):
             gc = True  # FSDP's own per-layer checkpointing
-        from training.parallel import strategy
-
         parallel, offload_params, offload_optimizer = strategy(cfg, world)
         return cls(
             quant=quant,
             double_quant=bnb.get("bnb_4bit_use_double_quant", True) is not False,
             dtype_bytes=4 if full_precision and quant == "none" else 2,
-            adapter=cfg.get("adapter") if cfg.get("adapter") in ("lora", "qlora") else None,
+            adapter=facts.adapter,
             lora_r=int(num("lora_r", 8)),
             lora_targets=targets,
             lora_dropout=float(num("lora_dropout", 0.0)),
             modules_to_save=[m for m in cfg.get("lora_modules_to_save") or [] if isinstance(m, str)],
             optimizer=str(cfg.get("optimizer") or "adamw_torch_fused"),
-            seq=int(num("sequence_len", 2048)),
+            seq=facts.sequence_len,
             micro_batch=int(num("micro_batch_size", 1)),
+            grad_accum=int(num("gradient_accumulation_steps", 1)),
             checkpointing=bool(gc) and gc not in ("false", "False"),
             offload=offloaded_share(cfg.get("activation_offloading"), gc),
-            fused_ce=(liger and bool(cfg.get("liger_fused_linear_cross_entropy"))) or cce,
-            liger_layers=liger and bool(cfg.get("liger_rms_norm") or cfg.get("liger_glu_activation")),
-            rl=cfg.get("rl") if isinstance(cfg.get("rl"), str) else None,
-            separate_reference=cfg.get("rl") in ("dpo", "ipo") and cfg.get("adapter") not in ("lora", "qlora"),
+            fused_ce=facts.fused_cross_entropy,
+            liger_layers=facts.liger_layers,
+            rl=facts.rl,
+            paired=facts.paired,
+            reference=facts.reference,
+            separate_reference=facts.reference and not facts.adapter,
             precompute_ref=bool(cfg.get("precompute_ref_log_probs")),
-            chunked_logps=str(cfg.get("trainer_cls") or "").endswith("LoftDPOTrainer") and cfg.get("rl") in ("dpo", "ipo"),
+            chunked_logps=str(cfg.get("trainer_cls") or "").endswith("LoftDPOTrainer") and facts.reference,
             # PEFT's prepare_model_for_kbit_training (Axolotl runs it for k-bit adapters) upcasts every unquantized
             # weight to fp32; Axolotl converts them back, and skips the embeddings with embeddings_skip_upcast (4-bit)
-            upcast_embeddings=quant != "none" and cfg.get("adapter") in ("lora", "qlora")
+            upcast_embeddings=quant != "none" and facts.adapter is not None
             and not (quant == "4bit" and _on(cfg.get("embeddings_skip_upcast")))
             and parallel not in ("zero3", "fsdp1", "fsdp2"),  # Axolotl skips that preparation when sharding
             plugins=plugins,
@@ -337,7 +241,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         trainable += state
 
     # activations, per token of one micro-batch (DPO runs chosen and rejected: twice the tokens)
-    tokens = s.seq * s.micro_batch * (2 if s.rl in ("dpo", "ipo", "orpo", "simpo") else 1)
+    tokens = s.seq * s.micro_batch * (2 if s.paired else 1)
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     layer = 4 * h + (q + 2 * kv) + (q + kv) + q + 4 * i  # norms, qkv, rope, attention out, SwiGLU
     # LoRA dropout copies of the projections' inputs did not show in the host's peaks (with and without
@@ -360,10 +264,9 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     parts = {"weights": weights, "trainable (params+grads+optimizer)": trainable, "activations": act,
              "logits / loss": logits, "workspace": workspace}
     if s.parallel != "none":
-        from training.parallel import per_gpu
-
         other_bytes = other * (2 if s.quant != "none" else s.dtype_bytes)
-        loading_weights = per_gpu(parts, arch, s, weights, other_bytes, state if not paged else 0.0, notes)
+        loading_weights = per_gpu(parts, arch, s, weights, other_bytes, state if not paged else 0.0, notes,
+                                  optimizer_state_bytes(s.optimizer))
     else:
         loading_weights = weights
     if s.separate_reference:
@@ -376,7 +279,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     if s.upcast_embeddings:  # every embedding matrix in fp32 (2 B more each), the last one cast still in bf16 too
         matrices = 1 if arch.tied else 2
         loading = max(loading, (loading_weights + (2 * matrices + 2) * V * h) / GIB)
-        if loading > sum(parts.values()) / GIB:  # measured 8.23 GiB for Qwen2.5-7B QLoRA (benchmarks/RESULTS.md, T3)
+        if loading > sum(parts.values()) / GIB:  # measured 8.23 GiB for Qwen2.5-7B QLoRA (benchmarks/RESULTS.md, DPO)
             notes.append(f"loading peaks at {loading:.2f} GiB, above training: Axolotl upcasts the embeddings to "
                          "fp32 while preparing the k-bit model; `embeddings_skip_upcast: true` avoids it (4-bit)")
     return Estimate(arch, s, {k: v / GIB for k, v in parts.items()}, notes, loading)
@@ -417,7 +320,7 @@ def remedies(cfg: dict) -> list[tuple[str, dict]]:
     out = []
     if not s.checkpointing:
         out.append(("enable gradient checkpointing (~20% slower)", {"gradient_checkpointing": True}))
-    if s.rl in ("dpo", "ipo") and not s.chunked_logps:
+    if s.reference and not s.chunked_logps:
         out.append(("Loft's DPO trainer: LM head in chunks over completion tokens, no full logits",
                     {"trainer_cls": "training.dpo.LoftDPOTrainer"}))
     if s.upcast_embeddings and s.quant == "4bit":
@@ -468,7 +371,6 @@ _QLORA = {"adapter": "qlora", "load_in_4bit": True, "bf16": True, "lora_r": 16, 
           "micro_batch_size": 1, "gradient_accumulation_steps": 8, "sample_packing": True}
 _LIGER = {"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True,
           "liger_rms_norm": True, "liger_glu_activation": True, "liger_rope": True}
-SOURCE = "/work/shared/gpu-host/README.md (one H100 80 GB, 2026-11-22)"
 # (label, recipe, measured peak allocated GiB, what the estimator leaves out)
 CALIBRATION = [
     ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing", {"base_model": QWEN7, **_QLORA, "sequence_len": 1024}, 7.52, ""),
@@ -531,20 +433,6 @@ def calibration_table() -> list[dict]:
         rows.append({"run": label, "source": source, "estimate_gib": round(value, 2), "measured_gib": measured,
                      "error_pct": round(100 * (value - measured) / measured, 1), "caveat": caveat})
     return rows
-
-
-def format_estimate(est: Estimate, gpu: float | None = None, profile: str | None = None) -> str:
-    lines = [f"memory: {est.arch.name} ({est.arch.params / 1e9:.2f} B params, {est.arch.source})"]
-    for name, gib in est.parts.items():
-        lines.append(f"  {name:<36} {gib:6.2f} GiB")
-    if est.loading:
-        lines.append(f"  {'loading (fp32 embedding upcast)':<36} {est.loading:6.2f} GiB")
-    lines.append(f"  {'peak allocated':<36} {est.allocated:6.2f} GiB")
-    lines.append(f"  {'+ allocator slack + CUDA context':<36} {est.needed:6.2f} GiB needed")
-    if gpu:
-        lines.append(f"  verdict on {profile or ''} ({gpu:g} GiB): {est.verdict(gpu)}")
-    lines += [f"  note: {n}" for n in est.notes]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ from pathlib import Path
 
 import yaml
 
+from training.arch import QUANT_NAME, quantized_name
 from training.errors import LoftError
-from training.paths import MERGED, RECIPES, REPO
+from training.paths import MERGED, RECIPES, REPO, RunDir
+from training.recipe import RecipeFacts
+from training.versions import installed
 
 HELP = "Merge a LoRA adapter into its full-precision base shard by shard, and verify the merge against PEFT."
 EXAMPLE = "loft merge --adapter runs/smollm2-135m-lora-cpu/adapter --out merged_models/smollm2-shakespeare"
@@ -67,8 +70,6 @@ BUILTIN_CHATS = [
     ("How many minutes are in a day?", "There are 24 × 60 = 1,440 minutes in a day."),
 ]
 
-# Names of pre-quantized checkpoints: `-bnb-4bit`, `-4bit`, `-GPTQ`, `-AWQ`, `-int4` ... (unsloth, TheBloke, Qwen).
-QUANT_NAME = re.compile(r"[-_.](bnb|4bit|8bit|gptq|awq|int4|int8|nf4|fp4|exl2)(?=[-_.]|$)", re.IGNORECASE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -117,7 +118,7 @@ def quantized(name: str, config: dict | None) -> str | None:
     method = quant.get("quant_method") or ("bitsandbytes" if quant.get("load_in_4bit") else None)
     if method:
         return f"pre-quantized ({method})"
-    return "by its name pre-quantized" if QUANT_NAME.search(Path(name).name) else None
+    return "by its name pre-quantized" if quantized_name(name) else None
 
 
 def refuse_quantized(name: str, config: dict | None) -> None:
@@ -158,7 +159,7 @@ def resolve_base(name: str) -> Path:
 
 def find_recipe(adapter_dir: Path) -> Path | None:
     """The resolved recipe `loft train` wrote beside the adapter, else a recipe whose output_dir is this adapter."""
-    for path in (adapter_dir.parent / "recipe.yaml", adapter_dir / "recipe.yaml", adapter_dir / "axolotl_config.yaml"):
+    for path in (adapter_dir.parent / RunDir.RECIPE, adapter_dir / RunDir.RECIPE, adapter_dir / "axolotl_config.yaml"):
         if path.is_file():
             return path
     for path in sorted(RECIPES.glob("**/*.yaml")):
@@ -173,7 +174,7 @@ def find_recipe(adapter_dir: Path) -> Path | None:
 
 
 def default_out(adapter_dir: Path) -> Path:
-    name = adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name
+    name = adapter_dir.parent.name if adapter_dir.name == RunDir.ADAPTER else adapter_dir.name
     return MERGED / name
 
 
@@ -325,9 +326,7 @@ def sha256(path: Path) -> str:
 
 
 def versions() -> dict:
-    from importlib.metadata import version
-
-    return {pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "loft")}
+    return installed(("torch", "transformers", "peft", "safetensors", "bitsandbytes", "loft"))
 
 
 def clean_stale(out: Path) -> None:
@@ -554,7 +553,7 @@ class NF4:
 
 
 def quant_settings(recipe: dict) -> dict | None:
-    if not recipe.get("load_in_4bit"):
+    if RecipeFacts.of(recipe).bits != 4:
         return None
     kw = recipe.get("bnb_config_kwargs") or {}
     return {"quant_type": kw.get("bnb_4bit_quant_type", "nf4"),
@@ -685,8 +684,8 @@ def merge(adapter_dir, out_dir=None, base=None, dtype="bf16", force=False, verif
             raise MergeRejected(f"verification failed ({'; '.join(report['failures'])}); merged weights deleted, "
                                 f"report in {rejected['md']}; check that --base is the model the adapter was "
                                 "trained on", report)
-        (tmp / "merge-report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "merge-report.md").write_text(summary + "\n")
+        (tmp / RunDir.MERGE_JSON).write_text(json.dumps(report, indent=2))
+        (tmp / RunDir.MERGE_MD).write_text(summary + "\n")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)

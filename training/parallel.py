@@ -19,6 +19,9 @@ import json
 from pathlib import Path
 
 from training.paths import REPO
+from training.recipe import RecipeFacts
+
+GIB = 1024**3
 
 LABELS = {"ddp": "DDP", "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
           "fsdp1": "FSDP1", "fsdp2": "FSDP2"}
@@ -45,15 +48,19 @@ def _offloaded(section) -> bool:
     return isinstance(section, dict) and str(section.get("device", "none")).lower() not in ("none", "")
 
 
+def option(fsdp_options: dict, key: str):
+    """An fsdp_config value, spelled `key` or Axolotl's older `fsdp_key`."""
+    return fsdp_options.get(key) or fsdp_options.get(f"fsdp_{key}")
+
+
 def strategy(cfg: dict, world: int = 1) -> tuple[str, bool, bool]:
     """(strategy, offload params, offload optimizer) the recipe's keys select for `world` processes."""
-    fsdp = cfg.get("fsdp_config") if isinstance(cfg.get("fsdp_config"), dict) else None
-    if fsdp is not None or cfg.get("fsdp"):
-        version = str(cfg.get("fsdp_version") or (fsdp or {}).get("fsdp_version") or (fsdp or {}).get("version") or 1)
-        offload = bool((fsdp or {}).get("offload_params") or (fsdp or {}).get("fsdp_offload_params"))
-        return ("fsdp2" if version == "2" else "fsdp1"), offload, offload
-    if cfg.get("deepspeed"):
-        zero = (deepspeed_config(cfg["deepspeed"]) or {}).get("zero_optimization") or {}
+    facts = RecipeFacts.of(cfg)
+    if facts.fsdp:
+        offload = bool(option(facts.fsdp_options, "offload_params"))
+        return f"fsdp{facts.fsdp_version}", offload, offload
+    if facts.deepspeed:
+        zero = (deepspeed_config(facts.deepspeed) or {}).get("zero_optimization") or {}
         stage = zero.get("stage", 0) if isinstance(zero.get("stage", 0), int) else 0
         if stage in (1, 2, 3):
             return (f"zero{stage}", stage == 3 and _offloaded(zero.get("offload_param")),
@@ -61,12 +68,12 @@ def strategy(cfg: dict, world: int = 1) -> tuple[str, bool, bool]:
     return ("ddp" if world > 1 else "none"), False, False
 
 
-def per_gpu(parts: dict, arch, s, weights: float, other: float, state: float, notes: list) -> float:
+def per_gpu(parts: dict, arch, s, weights: float, other: float, state: float, notes: list,
+            state_per_param: float = 4.0) -> float:
     """Turn the single-GPU parts (bytes; changed in place) into one rank's share under s.parallel over s.world
     ranks. `other` is the embeddings/norms part of `weights`, `state` the optimizer state inside the trainable
-    part (0 when paged). Returns the weights one rank holds while the model loads (bytes)."""
-    from training.memory import GIB, optimizer_state_bytes
-
+    part (0 when paged), `state_per_param` the optimizer's bytes per trained weight. Returns the weights one rank
+    holds while the model loads (bytes)."""
     w, key, total = s.world, "trainable (params+grads+optimizer)", weights
     rest = parts[key] - state
     grads = rest / 2 if s.adapter else rest  # adapter: fp32 weights + fp32 grads; full: the grads (weights above)
@@ -83,7 +90,7 @@ def per_gpu(parts: dict, arch, s, weights: float, other: float, state: float, no
         if s.adapter:
             master, opt = own, state
         else:  # DeepSpeed's bf16 optimizer: fp32 master weights and fp32 moments of every trained weight
-            master, opt = arch.params * 4.0, arch.params * optimizer_state_bytes(s.optimizer)
+            master, opt = arch.params * 4.0, arch.params * state_per_param
         held = 0.0 if s.offload_optimizer else (master + opt) / w
         grads = grads / w if stage >= 2 else grads
         own = sharded(own) if stage == 3 else own
@@ -91,7 +98,14 @@ def per_gpu(parts: dict, arch, s, weights: float, other: float, state: float, no
             weights = sharded(weights - other) + 2 * layer + other
     else:  # FSDP: everything that is a parameter is sharded; offload_params moves shards and optimizer to the CPU
         held = 0.0 if s.offload_params else state / w
-        grads, own = sharded(grads), sharded(own)
+        # Accumulating over several micro-batches, accelerate turns FSDP's gradient sync off until the last one
+        # (set_requires_gradient_sync(False)): until then every rank keeps whole, unsharded gradients. Measured:
+        # Llama-3.1-8B full FSDP2 on 2 GPUs, 2 micro-batches, peaked 46.82 GiB where sharded gradients give 38.6.
+        accumulating = s.grad_accum > 1 and not s.offload_params
+        grads, own = (grads if accumulating else sharded(grads)), sharded(own)
+        if accumulating and grads >= 2**30:
+            notes.append(f"gradient accumulation: FSDP holds whole gradients ({grads / GIB:.2f} GiB) until the last "
+                         "micro-batch syncs them; a larger micro_batch_size with fewer accumulation steps avoids it")
         weights = sharded(weights - other) + 2 * layer + other
     parts["weights"] = weights
     parts[key] = own + grads + held
@@ -99,9 +113,13 @@ def per_gpu(parts: dict, arch, s, weights: float, other: float, state: float, no
     notes.append(f"per GPU, {label} over {w} ranks{offload}: decoder layers sharded, two gathered at a time "
                  f"({2 * layer / GIB:.2f} GiB); embeddings and lm_head held whole")
     if s.parallel.startswith("fsdp") and s.quant != "none":
-        notes.append(f"loading: each rank quantizes the whole model on its own GPU before FSDP shards it "
-                     f"({total / GIB:.2f} GiB of weights)")
-        return total
+        # fully_shard then copies each rank's shards while the whole quantized model is still there. Measured:
+        # Qwen2.5-32B QLoRA FSDP2 on 2 GPUs ran out of a 24 GiB cap inside fully_shard at 23.96 GiB allocated,
+        # with 17.89 GiB of quantized weights: the whole model alone fits, whole model plus shards does not.
+        loading = total * (1 + 1 / w)
+        notes.append(f"loading: each rank quantizes the whole model on its own GPU ({total / GIB:.2f} GiB of "
+                     f"weights), then FSDP copies its shards before freeing it ({loading / GIB:.2f} GiB)")
+        return loading
     return parts["weights"]
 
 
@@ -116,38 +134,37 @@ def check(cfg: dict, report, gpus: int = 1, nodes: int = 1) -> None:
     """LOFT-P4xx findings for the launch `loft train --gpus gpus --nodes nodes` would make."""
     world = max(1, gpus) * max(1, nodes)
     kind, _, offload_optimizer = strategy(cfg, world)
-    fsdp = cfg.get("fsdp_config") if isinstance(cfg.get("fsdp_config"), dict) else {}
+    facts = RecipeFacts.of(cfg)
+    fsdp = facts.fsdp_options
     label = LABELS.get(kind, kind)
-    if cfg.get("deepspeed") and (fsdp or cfg.get("fsdp")):
+    if facts.deepspeed and facts.fsdp:
         report.add("LOFT-P401", "error", "deepspeed: and fsdp_config: are both set: one run shards with one engine "
                    "(Axolotl would silently take FSDP)", "remove one of them: ZeRO via deepspeed: "
                    "recipes/deepspeed/zero3.json, or FSDP2 via fsdp_version: 2 + fsdp_config:", key="deepspeed")
-    if cfg.get("deepspeed") and not (fsdp or cfg.get("fsdp")):
-        conf = deepspeed_config(cfg["deepspeed"])
+    if facts.deepspeed and not facts.fsdp:
+        conf = deepspeed_config(facts.deepspeed)
         stage = ((conf or {}).get("zero_optimization") or {}).get("stage")
         if conf is None:
-            report.add("LOFT-P402", "error", f"deepspeed: {cfg['deepspeed']!r} is not a readable DeepSpeed JSON file",
+            report.add("LOFT-P402", "error", f"deepspeed: {facts.deepspeed!r} is not a readable DeepSpeed JSON file",
                        "point it at one of recipes/deepspeed/zero2.json, zero3.json, zero3-offload.json (paths are "
                        "relative to the repository root)", key="deepspeed")
         elif stage not in (0, 1, 2, 3):
-            report.add("LOFT-P402", "error", f"{cfg['deepspeed']} sets no zero_optimization.stage (0-3)",
+            report.add("LOFT-P402", "error", f"{facts.deepspeed} sets no zero_optimization.stage (0-3)",
                        "add \"zero_optimization\": {\"stage\": 2} (or 3), as recipes/deepspeed/zero2.json does",
                        key="deepspeed")
-    if cfg.get("load_in_8bit") and kind in ("zero3", "fsdp1", "fsdp2"):
+    if facts.bits == 8 and kind in ("zero3", "fsdp1", "fsdp2"):
         report.add("LOFT-P403", "error", f"load_in_8bit with {label}: bitsandbytes' 8-bit weights cannot be sharded "
                    "(only 4-bit weights stored as bf16 can)", "use adapter: qlora + load_in_4bit: true, or ZeRO-2 / "
                    "DDP (deepspeed: recipes/deepspeed/zero2.json), which keep the whole 8-bit model on each GPU",
                    key="load_in_8bit")
-    if kind == "fsdp1" and cfg.get("adapter") == "qlora":
-        need = [k for k in ("cpu_ram_efficient_loading", "sync_module_states")
-                if not (fsdp.get(k) or fsdp.get(f"fsdp_{k}"))]
+    if kind == "fsdp1" and facts.adapter == "qlora":
+        need = [k for k in ("cpu_ram_efficient_loading", "sync_module_states") if not option(fsdp, k)]
         if need:
             report.add("LOFT-P404", "error", f"QLoRA under FSDP1 needs fsdp_config {' and '.join(need)}: true (each "
                        "rank must receive rank 0's quantized weights)", "set fsdp_version: 2 (Axolotl's current FSDP; "
                        "see recipes/qwen2.5-32b/qlora-fsdp2-24gb.yaml), or add " + ", ".join(f"{k}: true" for k in need),
                        key="fsdp_config")
-    if kind == "fsdp2" and (cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora") and \
-            (fsdp.get("cpu_ram_efficient_loading") or fsdp.get("fsdp_cpu_ram_efficient_loading")):
+    if kind == "fsdp2" and facts.bits == 4 and option(fsdp, "cpu_ram_efficient_loading"):
         report.add("LOFT-P405", "error", "FSDP2 with 4-bit weights and cpu_ram_efficient_loading: true: only rank 0 "
                    "quantizes, the other ranks wait for shards of another shape (Axolotl 0.19 refuses it)",
                    "set fsdp_config.cpu_ram_efficient_loading: false", key="fsdp_config")

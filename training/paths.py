@@ -16,6 +16,74 @@ RUNS = REPO / "runs"
 MERGED = REPO / "merged_models"
 
 
+def _file(name: str) -> property:
+    return property(lambda self: self.path / name, doc=f"<run>/{name}")
+
+
+class RunDir:
+    """A run folder, runs/<name>/: the one place its file names are spelled. Every writer and reader asks here.
+
+      recipe.yaml         the resolved recipe Axolotl trained (`loft train`, `loft doctor --measure`)
+      train.log           Axolotl's console output
+      adapter/            Axolotl's output_dir: the LoRA adapter, TensorBoard logs (adapter/runs/) and the guard's
+                          health.json
+      prepared/           Axolotl's tokenized dataset cache
+      out/                `loft doctor --measure`'s output_dir (nothing in it is kept)
+      measure.json        `loft doctor --measure`: measured vs estimated peak memory
+      heldout.txt, gguf/  `loft demo`: held-out text for perplexity, the GGUF files
+      merge-report.json   `loft merge`: fidelity of the merged model (also beside the merged model, with .md)
+      export-report.json  `loft export`: GGUF files, sizes, perplexities (also in the GGUF folder)
+      style.json, versus.json, faithfulness.json   `loft bench style|versus|faithfulness`
+      pipeline.json       `loft demo`: seconds per stage
+      report.md, report.html, report-figures/      `loft report`
+    """
+
+    RECIPE = "recipe.yaml"
+    TRAIN_LOG = "train.log"
+    ADAPTER = "adapter"
+    PREPARED = "prepared"
+    HEALTH = "health.json"  # inside Axolotl's output_dir, where the guard runs
+    MEASURE_OUT = "out"
+    MEASURE_JSON = "measure.json"
+    HELDOUT = "heldout.txt"
+    GGUF = "gguf"
+    MERGE_JSON, MERGE_MD = "merge-report.json", "merge-report.md"
+    EXPORT_JSON = "export-report.json"
+    STYLE_JSON = "style.json"  # benchmarks.style.style_report(...) + "samples"
+    VERSUS_JSON = "versus.json"  # {"tasks": {task: benchmarks.versus.head_to_head(...)}}
+    FAITHFULNESS_JSON = "faithfulness.json"  # benchmarks.faithfulness.faithfulness_report(...)
+    PIPELINE_JSON = "pipeline.json"
+    REPORT_MD, REPORT_HTML, FIGURES = "report.md", "report.html", "report-figures"
+    EVENTS_GLOB = f"{ADAPTER}/runs/**/events.out.tfevents.*"  # TensorBoard logs Axolotl writes while training
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def named(cls, name: str) -> "RunDir":
+        return cls(RUNS / name)
+
+    recipe = _file(RECIPE)
+    train_log = _file(TRAIN_LOG)
+    adapter = _file(ADAPTER)
+    prepared = _file(PREPARED)
+    health = _file(f"{ADAPTER}/{HEALTH}")
+    measure_out = _file(MEASURE_OUT)
+    measure_health = _file(f"{MEASURE_OUT}/{HEALTH}")
+    measure_json = _file(MEASURE_JSON)
+    heldout = _file(HELDOUT)
+    gguf = _file(GGUF)
+    merge_json = _file(MERGE_JSON)
+    export_json = _file(EXPORT_JSON)
+    style_json = _file(STYLE_JSON)
+    versus_json = _file(VERSUS_JSON)
+    faithfulness_json = _file(FAITHFULNESS_JSON)
+    pipeline_json = _file(PIPELINE_JSON)
+    report_md = _file(REPORT_MD)
+    report_html = _file(REPORT_HTML)
+    figures = _file(FIGURES)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LOFT_CACHE", Path.home() / ".cache" / "loft"))
 

@@ -1,16 +1,104 @@
 """Recipes: read an Axolotl YAML, apply `key=value` overrides, write the resolved copy into the run folder.
 
 This is the one place config plumbing lives. Overrides must name keys Axolotl knows (its own pydantic
-schema decides), so a typo fails here instead of being dropped silently.
+schema decides), so a typo fails here instead of being dropped silently. `RecipeFacts.of(cfg)` is the one reading
+of the keys that decide what kind of run a recipe is (method, bits, preference loss, sequence length, kernels,
+launcher): every other module asks it rather than reading those keys itself.
 """
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from training.errors import LoftError
-from training.paths import RUNS
+from training.paths import RunDir
+
+
+# Preference losses: datasets of (prompt, chosen, rejected) or KTO's labelled completions instead of chats. All but
+# KTO score a chosen and a rejected completion per row: two sequences per row through the model.
+PAIRED = ("dpo", "ipo", "orpo", "simpo")
+PREFERENCE = (*PAIRED, "kto")
+# The losses that compare the policy with a reference model (an adapter's disabled base, or a second copy).
+WITH_REFERENCE = ("dpo", "ipo")
+DEFAULT_SEQUENCE_LEN = 2048  # what Loft assumes when a recipe sets none
+
+
+@dataclass(frozen=True)
+class RecipeFacts:
+    """What kind of run a recipe asks for, read once with one rule per fact (a raw YAML mapping may hold anything:
+    a fact that is not a value of the right type counts as unset)."""
+
+    adapter: str | None  # "lora" | "qlora" | None (full fine-tuning)
+    bits: int  # 4 (load_in_4bit or a QLoRA adapter), 8 (load_in_8bit) or 16
+    quant_key: str  # the key that asks for k-bit loading: "load_in_4bit", "load_in_8bit" or "adapter"
+    rl: str | None  # Axolotl's `rl:` value, None for supervised fine-tuning
+    sequence_len: int  # the recipe's, else DEFAULT_SEQUENCE_LEN
+    sequence_len_set: bool  # whether the recipe sets a sequence length itself
+    liger: bool  # the Liger plugin is loaded
+    fused_cross_entropy: bool  # Liger's fused linear cross-entropy or the cut cross-entropy plugin
+    liger_layers: bool  # Liger's RMSNorm or GLU kernels
+    deepspeed: str | None  # the DeepSpeed config the recipe names
+    fsdp: bool  # the recipe shards with FSDP (fsdp or fsdp_config)
+    fsdp_version: int  # 1 or 2 when it does (fsdp_version, top level or inside fsdp_config), else 0
+    fsdp_options: dict  # the fsdp_config mapping ({} when absent); keys with or without Axolotl's fsdp_ prefix
+
+    @classmethod
+    def of(cls, cfg: dict) -> "RecipeFacts":
+        cfg = cfg if isinstance(cfg, dict) else {}
+        adapter = cfg.get("adapter") if cfg.get("adapter") in ("lora", "qlora") else None
+        bits = 4 if cfg.get("load_in_4bit") or adapter == "qlora" else 8 if cfg.get("load_in_8bit") else 16
+        quant_key = next((key for key in ("load_in_4bit", "load_in_8bit") if cfg.get(key)), "adapter")
+        rl = cfg.get("rl") if isinstance(cfg.get("rl"), str) and cfg.get("rl") else None
+        seq = cfg.get("sequence_len")
+        seq_set = isinstance(seq, (int, float)) and not isinstance(seq, bool) and seq > 0
+        plugins = cfg.get("plugins") if isinstance(cfg.get("plugins"), list) else []
+        plugins = [p for p in plugins if isinstance(p, str)]
+        liger = any("liger" in p.lower() for p in plugins)
+        cce = any("cut_cross_entropy" in p for p in plugins) and cfg.get("cut_cross_entropy", True) is not False
+        deepspeed = cfg.get("deepspeed")
+        options = cfg.get("fsdp_config") if isinstance(cfg.get("fsdp_config"), dict) else {}
+        return cls(
+            adapter=adapter,
+            bits=bits,
+            quant_key=quant_key,
+            rl=rl,
+            sequence_len=int(seq) if seq_set else DEFAULT_SEQUENCE_LEN,
+            sequence_len_set=seq_set,
+            liger=liger,
+            fused_cross_entropy=(liger and bool(cfg.get("liger_fused_linear_cross_entropy"))) or cce,
+            liger_layers=liger and bool(cfg.get("liger_rms_norm") or cfg.get("liger_glu_activation")),
+            deepspeed=str(deepspeed) if deepspeed else None,
+            fsdp=bool(cfg.get("fsdp") or cfg.get("fsdp_config")),
+            fsdp_version=(2 if str(cfg.get("fsdp_version") or options.get("fsdp_version") or options.get("version")
+                                   or 1) == "2" else 1) if cfg.get("fsdp") or cfg.get("fsdp_config") else 0,
+            fsdp_options=options,
+        )
+
+    @property
+    def method(self) -> str:
+        return self.adapter or "full"
+
+    @property
+    def preference(self) -> bool:
+        """A preference loss (DPO, IPO, ORPO, SimPO, KTO): its datasets are pairs, not chats."""
+        return self.rl in PREFERENCE
+
+    @property
+    def paired(self) -> bool:
+        """Each row is a chosen and a rejected completion: two sequences per row."""
+        return self.rl in PAIRED
+
+    @property
+    def reference(self) -> bool:
+        """The loss compares with a reference model; without an adapter that is a second full copy."""
+        return self.rl in WITH_REFERENCE
+
+    @property
+    def launcher(self) -> str:
+        """How the recipe spreads over GPUs: "deepspeed", "fsdp" or "single"."""
+        return "deepspeed" if self.deepspeed else "fsdp" if self.fsdp else "single"
 
 
 def load(path: str | Path) -> dict:
@@ -65,10 +153,16 @@ def axolotl_keys(plugins: list[str] | None = None) -> set[str]:
     return keys
 
 
+def closest(key: str, known: set[str]) -> str | None:
+    """The known key a typo most likely meant, if any is close."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
+
+
 def check_key(key: str, known: set[str]) -> None:
     if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        close = closest(key, known)
+        hint = f"; did you mean `{close}`?" if close else ""
         raise LoftError(f"unknown Axolotl key `{key}`{hint}")
 
 
@@ -112,15 +206,15 @@ def default_run_name(recipe: Path) -> str:
 def resolve(recipe: Path, name: str | None, overrides: list[str]) -> tuple[Path, dict]:
     """Return (run_dir, resolved cfg) with outputs pointed into runs/<name>/."""
     cfg = apply_overrides(load(recipe), overrides)
-    run_dir = RUNS / (name or default_run_name(recipe))
-    cfg["output_dir"] = str(run_dir / "adapter")
-    cfg["dataset_prepared_path"] = str(run_dir / "prepared")
-    return run_dir, cfg
+    run = RunDir.named(name or default_run_name(recipe))
+    cfg["output_dir"] = str(run.adapter)
+    cfg["dataset_prepared_path"] = str(run.prepared)
+    return run.path, cfg
 
 
 def write(cfg: dict, run_dir: Path, recipe: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "recipe.yaml"
+    out = RunDir(run_dir).recipe
     header = f"# Resolved by loft from {recipe} (overrides applied). Axolotl trained this exact file.\n"
     out.write_text(header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     return out

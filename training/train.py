@@ -7,39 +7,17 @@ one process, or --gpus N / --nodes M through accelerate, with all CPU threads sh
 
 import json
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from training import recipe as recipes
+from training.axolotl import GUARD, launch
 from training.errors import LoftError
-from training.launcher import DEFAULT_PORT, Topology, check_devices, command, environment
-from training.paths import REPO
+from training.launcher import DEFAULT_PORT, Topology, check_devices, command
+from training.paths import REPO, RunDir
 
 HELP = "Doctor a recipe, then train it with Axolotl and the health guard into runs/<name>/ (--set key=value)."
 EXAMPLE = ("loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick\n"
            "         loft train recipes/llama-3.1-8b/lora-bf16-ddp-80gb.yaml --gpus 2")
-
-
-def launch(resolved: Path, log_path: Path | None = None, topo: Topology | None = None) -> None:
-    env, cmd = environment(topo), command(resolved, topo)
-    log = open(log_path, "w") if log_path else None
-    try:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # show Axolotl's own progress, keep a copy in train.log
-            sys.stdout.write(line)
-            if log:
-                log.write(line)
-        rc = proc.wait()
-    finally:
-        if log:
-            log.close()
-    if rc != 0:
-        where = f"; see {log_path}" if log_path else ""
-        raise LoftError(f"Axolotl training failed (exit {rc}){where}", code=rc if rc > 0 else 1)
-
-
-GUARD = "training.guard.HealthGuardPlugin"
 CPU_RANKS = "training.cpu_ranks.CPURanksPlugin"
 
 
@@ -70,19 +48,19 @@ def train(recipe: Path, name: str | None = None, overrides: list[str] | None = N
     print(f"loft train: {recipe} -> {run_dir}" + (f" on {topo.world} processes" if topo.world > 1 else ""))
     if note:
         print(f"loft train: {note}")
-    launch(resolved, run_dir / "train.log", topo)
-    health = run_dir / "adapter" / "health.json"
+    run = RunDir(run_dir)
+    launch(resolved, run.train_log, topo)
+    health = run.health
     if health.exists():
         status = json.loads(health.read_text())
         if status.get("status") == "stopped":
             problem = status.get("problem", {})
             raise LoftError(f"the health guard stopped the run at step {problem.get('step')}: "
                             f"{problem.get('reason')}; causes and fixes in {health}", code=3)
-    full = not cfg.get("adapter")  # a full fine-tune writes a whole model folder, not an adapter
-    wrote = (run_dir / "adapter" / ("config.json" if full else "adapter_config.json")).exists()
-    if not wrote:
+    full = recipes.RecipeFacts.of(cfg).adapter is None  # a full fine-tune writes a whole model folder, not an adapter
+    if not (run.adapter / ("config.json" if full else "adapter_config.json")).exists():
         what = "model" if full else "adapter"
-        raise LoftError(f"training finished but wrote no {what} in {run_dir / 'adapter'}; see {run_dir / 'train.log'}")
+        raise LoftError(f"training finished but wrote no {what} in {run.adapter}; see {run.train_log}")
     return run_dir
 
 

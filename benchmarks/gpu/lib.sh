@@ -21,14 +21,16 @@ for path in sorted(glob.glob("runs/bench-speed/*/speed.json")):
     d = json.load(open(path))
     for name, r in d["runners"].items():
         if r.get("status") != "ok":
-            print(f"{d['name']:<34} {name:<8} {r.get('status')}: {str(r.get('error'))[:90]}")
+            print(f"{d['name']:<34} {name:<8} {r.get('status')}: {str(r.get('error') or r.get('reason'))[:90]}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         print(f"{d['name']:<34} {name:<8} {r['tokens_per_s']:>9,.0f} tok/s {r['tokens_per_step']:>7,} tok/step "
               f"alloc {r['peak_allocated_gib']:>6} res {r['peak_reserved_gib']:>6} est {r.get('estimated_allocated_gib')} "
               f"MFU {mfu}")
-    if d.get("ratios"):
-        print(f"{d['name']:<34} ratio    {d['ratios']}")
+    for peer, ratio in (d.get("versus") or {"baseline": d.get("ratios")}).items():
+        if ratio:
+            best = " (strongest)" if peer == d.get("strongest") else ""
+            print(f"{d['name']:<34} loft/{peer}{best} {ratio}")
 for path in sorted(glob.glob("runs/calibration/*.json")):
     d = json.load(open(path))
     m = d["measured"]
@@ -47,12 +49,17 @@ skip() {
   return 1
 }
 
-# bench NAME RECIPE [loft bench speed options...]: one measurement, skipped if too little time is left.
+# bench NAME RECIPE [loft bench speed options...]: one measurement, skipped if too little time is left; its
+# results file is copied to $OUT/NAME.json at once (a command killed later still returns it). RUN_TIMEOUT=SECONDS
+# ends one measurement, runners included (timeout signals the whole process group), so one hang cannot eat the call.
 bench() {
   local name="$1" recipe="$2"; shift 2
   skip "$name" && return 0
   echo "=== $name ($SECONDS s): $recipe $*"
-  python3 -m benchmarks.speed "$recipe" --name "$name" "$@" 2>&1 | grep -E "^  |error|Error" || true
+  rm -f "runs/bench-speed/$name/speed.json"
+  ${RUN_TIMEOUT:+timeout -k 10 "$RUN_TIMEOUT"} python3 -m benchmarks.speed "$recipe" --name "$name" "$@" 2>&1 \
+    | grep -E "^  |error|Error" || true
+  cp "runs/bench-speed/$name/speed.json" "$OUT/$name.json" 2>/dev/null || echo "NO RESULT: $name"
 }
 
 # measure NAME RECIPE [--set KEY=VALUE...]: `loft doctor --measure`, its measure.json kept as runs/calibration/NAME.json.
