@@ -214,3 +214,37 @@ def test_vllm_dry_run():
     # --ctx beyond the model's max_position_embeddings (8192) is capped
     proc = loft("serve", str(model), "--engine", "vllm", "--ctx", "32768", "--dry-run")
     assert "--max-model-len 8192" in proc.stdout
+
+
+# ---------------------------------------------------------------- the chat page, in a real browser
+def test_chat_page_answers_in_chromium(q4):
+    """llama-server's own web UI (built from the pinned tree by setup/build_llama_ui.sh): type a question into
+    the page, press Enter, and the model's answer appears in the DOM."""
+    import chromium
+
+    ui = llama_cpp.ui_dir()
+    if ui is None or chromium.executable() is None:
+        pytest.fail("the chat page or Chromium is missing; `make setup-serve` builds and installs both")
+    with llama_server(q4, ctx=1024, parallel=1, ui=ui) as base_url:
+        root = base_url.removesuffix("/v1")
+        browser = chromium.Browser()
+        try:
+            browser.goto(root + "/")
+            box = "document.querySelector('textarea, [contenteditable=\"true\"]')"
+            browser.wait_for(f"!!{box}")
+            assert "Paris" not in browser.js("document.body.innerText")
+            browser.js(f"{box}.focus()")
+            browser.type(QUESTION[0]["content"])
+            browser.press_enter()
+            page = browser.wait_for("document.body.innerText.includes('Paris') && document.body.innerText", timeout=180)
+        finally:
+            browser.close()
+    assert QUESTION[0]["content"] in page, "the question shows as the user's message"
+
+
+def test_cli_prints_the_chat_page_address(q4):
+    if llama_cpp.ui_dir() is None:
+        pytest.fail("the chat page is not built; `make setup-serve` builds it")
+    proc = loft("serve", str(q4), "--port", "0", "--smoke")
+    assert proc.returncode == 0, proc.stderr
+    assert "chat page at http://127.0.0.1:" in proc.stdout

@@ -123,6 +123,37 @@ def test_adapter_answers_as_the_merged_model_and_the_base_as_the_base(client, mo
     assert via_adapter != via_base, "the adapter changes the answer, so the comparison above means something"
 
 
+# ---------------------------------------------------------------- benchmarks through the endpoint
+def test_bench_style_scores_equal_through_vllm_and_transformers(server, models, tmp_path):
+    """Same models, greedy: `loft bench style` on vLLM's endpoint gives transformers' answers and scores.
+
+    Both render the prompt with the same chat_template.jinja and tokenizer.json, so the prompt token ids are
+    the same; what differs is only the text around the answer: transformers' answer is decoded with
+    skip_special_tokens and stripped, vLLM's is detokenized incrementally and not stripped. The style score reads
+    words, sentences, lines and punctuation, none of which leading or trailing whitespace changes."""
+    from training.demo import ensure_demo_data
+
+    base, _, merged = models
+    common = ["bench", "style", "--data", str(ensure_demo_data()), "--limit", "8", "--max-tokens", "16",
+              "--bootstrap", "50", "--no-cache", "--api-key", API_KEY]
+    runs = {"transformers": [f"base={base}", f"sea={merged}"],
+            "vllm": [f"base={server.base_url}#{base.name}", f"sea={server.base_url}#sea"]}
+    results = {}
+    for engine, specs in runs.items():
+        run = tmp_path / engine
+        proc = loft(*common, "--run", str(run), *(a for spec in specs for a in ("--model", spec)), timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[engine] = json.loads((run / "style.json").read_text())
+        results[engine]["answers"] = {name: [json.loads(line)["output"] for line in
+                                             (run / "generations" / f"style-{name}.jsonl").read_text().splitlines()]
+                                      for name in ("base", "sea")}
+    hf, vl = results["transformers"], results["vllm"]
+    for name in ("base", "sea"):
+        assert [a.strip() for a in vl["answers"][name]] == hf["answers"][name], name
+    assert vl["answers"]["sea"] != vl["answers"]["base"]
+    assert vl["scores"] == hf["scores"] and vl["author"] == hf["author"]
+
+
 # ---------------------------------------------------------------- lifecycle (last: it stops the server)
 def test_stop_leaves_no_process(server):
     group = server.proc.pid  # started in its own session: the API server, its engine core and workers
