@@ -1,5 +1,5 @@
 """LoRA adapters served unmerged by llama-server: the PEFT folder converted by llama.cpp's own
-convert_lora_to_gguf.py, loaded with --lora at scale 0, switched on per request. (vLLM's side: tests/test_vllm.py.)
+convert_lora_to_gguf.py, loaded at scale 0 (--lora-scaled FILE:0), switched on per request. (vLLM's side: tests/test_vllm.py.)
 
 The models are tests/lora_models.py's: SmolLM2-135M in fp32, an adapter that changes its answer, and the same
 adapter merged. Base and merged are exported to f32 GGUFs, so the only difference between "adapter on base" and
@@ -51,6 +51,7 @@ def test_adapter_answers_as_the_merged_model_and_the_base_as_the_base(models, gg
     assert len(loras) == 1 and loras[0].read_bytes()[:4] == b"GGUF"
     assert adapters.for_llama_cpp(ggufs["base"], {"sea": adapter}) == loras, "converted once, then cached"
     with llama_server(ggufs["base"], ctx=512, parallel=1, loras=loras) as url:
+        # Adapter first: a request that names no adapter must not inherit the one before it.
         via_adapter, via_base = greedy(url, [{"id": 0, "scale": 1.0}]), greedy(url)
     with llama_server(ggufs["merged"], ctx=512, parallel=1) as url:
         merged = greedy(url)
@@ -82,4 +83,4 @@ def test_cli_dry_run_loads_the_adapters_switched_off(models, ggufs):
                            f"sea={adapter}", "--dry-run"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     argv = proc.stdout.split()
-    assert argv[argv.index("--lora") + 1].endswith("sea-f32.gguf") and "--lora-init-without-apply" in argv
+    assert argv[argv.index("--lora-scaled") + 1].endswith("sea-f32.gguf:0"), "loaded switched off"

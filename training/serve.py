@@ -214,9 +214,9 @@ def llama_server_command(
     if threads:
         cmd += ["--threads", str(threads)]
     for path in loras or []:
-        cmd += ["--lora", str(path)]
-    if loras:
-        cmd.append("--lora-init-without-apply")
+        # Scale 0, so a request answers as the base unless its "lora" field switches an adapter on. (With --lora
+        # and --lora-init-without-apply, this llama-server still applies the adapter to requests that name none.)
+        cmd += ["--lora-scaled", f"{path}:0"]
     return cmd
 
 
