@@ -57,6 +57,12 @@ def llama_cpp_dir(check: bool = True) -> Path:
     return root
 
 
+def ui_dir() -> Path | None:
+    """llama-server's chat web page, built by setup/build_llama_ui.sh, or None when it is not built."""
+    root = cache_dir() / "llama-ui" / pinned_version()
+    return root if (root / "index.html").is_file() else None
+
+
 def binary(name: str) -> Path:
     """Path of one llama.cpp tool (llama-server, llama-quantize, llama-perplexity, llama-tokenize)."""
     if name not in TOOLS:
@@ -66,6 +72,14 @@ def binary(name: str) -> Path:
 
 def convert_script() -> Path:
     return llama_cpp_dir() / "src" / "convert_hf_to_gguf.py"
+
+
+def lora_convert_script() -> Path:
+    """convert_lora_to_gguf.py from the same tree (PEFT LoRA -> GGUF LoRA for llama-server --lora)."""
+    script = llama_cpp_dir() / "src" / "convert_lora_to_gguf.py"
+    if not script.is_file():
+        raise LoftError(f"{script} is missing (a llama.cpp cache from before adapters were served); {SETUP_HINT}")
+    return script
 
 
 def tool_env(extra: dict | None = None) -> dict:
