@@ -22,7 +22,7 @@ from pathlib import Path
 
 from training import llama_cpp
 from training.errors import LoftError
-from training.paths import cache_dir
+from training.paths import RunDir, cache_dir
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
@@ -37,7 +37,7 @@ def parse(specs: list[str] | None) -> dict[str, Path]:
         if not sep:
             path = spec
             folder = Path(spec).expanduser().resolve()
-            name = folder.parent.name if folder.name == "adapter" else folder.name
+            name = folder.parent.name if folder.name == RunDir.ADAPTER else folder.name
         folder = Path(path).expanduser().resolve()
         if not NAME.match(name):
             raise LoftError(f"--adapter {spec}: the name {name!r} must be letters, digits, '.', '_' or '-'")
