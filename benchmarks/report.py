@@ -6,11 +6,12 @@ Nothing is recomputed: the report reads only the files below, so one command reg
 
 import base64
 import html
-import json
 import re
+import shutil
 from pathlib import Path
 
-from training.errors import LoftError
+from training.errors import LoftError, read_json
+from training.lifecycle import clear_stale, partial_path, write_atomic
 
 # ---------------------------------------------------------------- the saved results of a run, by file name
 STYLE_JSON = "style.json"  # `loft bench style`: benchmarks.style.style_report(...) + "samples"
@@ -21,6 +22,8 @@ EXPORT_JSON = "export-report.json"  # `loft export`: GGUF files, sizes, perplexi
 PIPELINE_JSON = "pipeline.json"  # `loft demo`: seconds per stage
 EVENTS_GLOB = "adapter/runs/**/events.out.tfevents.*"  # TensorBoard logs that Axolotl writes while training
 REPORT_MD, REPORT_HTML, FIGURES = "report.md", "report.html", "report-figures"
+WRITERS = {STYLE_JSON: "loft bench style", VERSUS_JSON: "loft bench versus", FAITHFULNESS_JSON: "loft bench faithfulness",
+           MERGE_JSON: "loft merge", EXPORT_JSON: "loft export", PIPELINE_JSON: "loft demo"}
 
 HELP = "Write RUN_DIR/report.md and report.html (loss curves, benchmark scores, samples) from saved results."
 EXAMPLE = "loft report runs/demo"
@@ -31,10 +34,7 @@ def _load(run_dir: Path, name: str):
     path = run_dir / name
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise LoftError(f"{path} is not valid JSON ({err}); rerun the step that writes it") from None
+    return read_json(path, f"rerun `{WRITERS[name]}` to write it again, or remove the file")
 
 
 def loss_curves(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], Path | None]:
@@ -224,11 +224,30 @@ def render(run_dir) -> Path:
     loaded = {n: _load(run_dir, n) for n in (STYLE_JSON, VERSUS_JSON, FAITHFULNESS_JSON, MERGE_JSON,
                                               EXPORT_JSON, PIPELINE_JSON)}
     curves, events = loss_curves(run_dir)
-    if not curves and not any(loaded.values()):
+    if not curves and all(v is None for v in loaded.values()):
         raise LoftError(f"nothing to report in {run_dir}: no TensorBoard logs under adapter/runs and none of "
                         f"{', '.join(loaded)}; run `loft train` or `loft bench ...` with --run {run_dir}")
-    figures = run_dir / FIGURES
-    figures.mkdir(exist_ok=True)
+    # Figures are drawn into a partial folder and swapped in at the end: a results file of the wrong shape
+    # (found while drawing its section) leaves the previous report and its figures as they were.
+    clear_stale(run_dir.glob(f".{FIGURES}.*.partial"))
+    figures = partial_path(run_dir / FIGURES)
+    figures.mkdir()
+    try:
+        md = sections(run_dir, loaded, curves, events, figures)
+        old = run_dir / FIGURES
+        if old.exists():
+            shutil.rmtree(old)
+        figures.rename(old)
+    finally:
+        shutil.rmtree(figures, ignore_errors=True)
+    text = "\n".join(md)
+    write_atomic(run_dir / REPORT_MD, text)
+    write_atomic(run_dir / REPORT_HTML, to_html(text, run_dir, run_dir.name))
+    return run_dir / REPORT_MD
+
+
+def sections(run_dir: Path, loaded: dict, curves: dict, events, figures: Path) -> list[str]:
+    """The report's Markdown lines, drawing the figures into `figures`."""
     md = [f"# Run report: {run_dir.name}", "",
           f"Regenerate with `loft report {run_dir}`; every number comes from the JSON files in this folder.", ""]
     if curves:
@@ -237,22 +256,20 @@ def render(run_dir) -> Path:
                table(["curve", "points", "first", "last"],
                      [[t, len(p), f"{p[0][1]:.4f}", f"{p[-1][1]:.4f}"] for t, p in sorted(curves.items())]),
                "", f"From {events.relative_to(run_dir)}.", ""]
-    if loaded[STYLE_JSON]:
-        md += style_section(loaded[STYLE_JSON], figures)
-    if loaded[VERSUS_JSON]:
-        md += versus_section(loaded[VERSUS_JSON], figures)
-    if loaded[FAITHFULNESS_JSON]:
-        md += faithfulness_section(loaded[FAITHFULNESS_JSON], figures)
-    if loaded[MERGE_JSON]:
-        md += merge_section(loaded[MERGE_JSON])
-    if loaded[EXPORT_JSON]:
-        md += export_section(loaded[EXPORT_JSON])
-    if loaded[PIPELINE_JSON]:
-        md += ["## Time per stage", "", table(["stage", "seconds"], list(loaded[PIPELINE_JSON].items())), ""]
-    text = "\n".join(md)
-    (run_dir / REPORT_MD).write_text(text, encoding="utf-8")
-    (run_dir / REPORT_HTML).write_text(to_html(text, run_dir, run_dir.name), encoding="utf-8")
-    return run_dir / REPORT_MD
+    builders = {STYLE_JSON: lambda r: style_section(r, figures), VERSUS_JSON: lambda r: versus_section(r, figures),
+                FAITHFULNESS_JSON: lambda r: faithfulness_section(r, figures), MERGE_JSON: merge_section,
+                EXPORT_JSON: export_section,
+                PIPELINE_JSON: lambda r: ["## Time per stage", "", table(["stage", "seconds"], list(r.items())), ""]}
+    for name, build in builders.items():
+        if loaded[name] is None:
+            continue
+        try:
+            md += build(loaded[name])
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError, ZeroDivisionError) as err:
+            what = f"no {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {str(err)[:80]}"
+            raise LoftError(f"{run_dir / name} is not shaped like what `{WRITERS[name]}` writes ({what}); rerun "
+                            f"`{WRITERS[name]}` to write it again, or move the file away") from None
+    return md
 
 
 def to_html(md: str, run_dir: Path, title: str) -> str:
