@@ -536,8 +536,9 @@ TRAIN_CASES = {
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_train_refuses_before_training(case, tmp_path, capsys, monkeypatch):
-    from training import train
+    from training import recipe, train
 
+    monkeypatch.setattr(recipe, "RUNS", tmp_path / "runs")  # what a refused run writes stays in the test's folder
     monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("training started"))
     argv = TRAIN_CASES[case][0](tmp_path)
     fails_cleanly(["train", *argv], capsys, TRAIN_CASES[case][1])
