@@ -128,8 +128,12 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_disk(out: Path, need: int) -> None:
-    """Refuse, in one line, when the filesystem of `out` has less than `need` bytes free."""
-    free = shutil.disk_usage(_existing_parent(out)).free
+    """Refuse, in one line, when `out` cannot be written or its filesystem has less than `need` bytes free."""
+    parent = _existing_parent(out)
+    if not os.access(parent, os.W_OK):
+        raise LoftError(f"{out} cannot be written: {parent} is read-only or not writable by this user; make it "
+                        "writable or pass --out on a writable disk")
+    free = shutil.disk_usage(parent).free
     if free < need:
         raise LoftError(
             f"not enough disk space in {out}: the export needs ~{_fmt(need)}, {_fmt(free)} is free "
