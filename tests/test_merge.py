@@ -312,6 +312,7 @@ def test_bf16_bounds_sit_on_the_rounding_floor(tmp_path):
     floor = zero["floor"]
     assert floor["kl_mean"] > 0 and floor["ppl_rel"] >= 0, "bf16 costs something even with nothing merged"
     assert rank4["floor"] == pytest.approx(floor), "the floor is the base's, whatever the adapter"
+    assert zero["fidelity"]["kl_mean"] == pytest.approx(floor["kl_mean"], rel=1e-4), "a merge that changes nothing"
     for r in (zero, rank4):
         assert r["thresholds"]["kl_mean"] == pytest.approx(floor["kl_mean"] + m.THRESHOLDS["bf16"]["kl_mean"])
         assert r["thresholds"]["ppl_rel"] == pytest.approx(floor["ppl_rel"] + m.THRESHOLDS["bf16"]["ppl_rel"])

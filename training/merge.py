@@ -530,10 +530,9 @@ def rounding_floor(base_dir: Path, dtype_name: str, device: str, encoded) -> dic
 
     if dtype_name == "fp32":
         return None  # nothing is rounded
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
-    full = logprobs(model, encoded, device)
-    rounded = logprobs(model.to(getattr(torch, DTYPES[dtype_name])), encoded, device)
-    del model
+    full = logprobs(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device), encoded, device)
+    gc.collect()
+    rounded = logprobs(load_merged(base_dir, dtype_name, device), encoded, device)  # loaded as the merge is
     gc.collect()
     return compare(full, rounded, encoded)
 
