@@ -23,16 +23,14 @@ free port and yields the OpenAI base URL (http://127.0.0.1:PORT/v1); `openai.Ope
 """
 
 import contextlib
-import json
 import os
+import re
 import shlex
-import shutil
-import signal
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +39,7 @@ from pathlib import Path
 from training import adapters as lora
 from training import llama_cpp, vllm_engine
 from training.errors import LoftError
+from training.lifecycle import die_with_parent
 
 HELP = "Serve a GGUF with llama-server (or a merged HF dir with vLLM), adapters too, behind an OpenAI-compatible API."
 EXAMPLE = "loft serve merged_models/smollm2-shakespeare/gguf/smollm2-shakespeare-Q4_K_M.gguf --api-key sk-local --smoke"
@@ -69,22 +68,6 @@ def port_in_use(host: str, port: int) -> bool:
 def _client_host(host: str) -> str:
     """Where a local client connects for a server bound to `host`."""
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-
-
-def _pdeathsig_preexec():
-    """A preexec_fn that makes the child get SIGTERM when its parent dies (Linux), so a killed `loft` or test run
-    leaves no server behind. libc's prctl is looked up here, in the parent: the child only calls it.
-    Only for servers started from the main thread: the signal fires when the *thread* that started the child
-    exits, which would kill a server started from a short-lived worker thread."""
-    if threading.current_thread() is not threading.main_thread() or not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _health(url: str, timeout: float = 2.0) -> int | None:
@@ -128,13 +111,14 @@ class Server:
         self.base_url = root_url + "/v1"  # the OpenAI base_url
         self.health_url = root_url + "/health"
         self.proc: subprocess.Popen | None = None
+        self.diagnose = None  # log text -> the one line that explains a failed start, or None
 
     def start(self) -> "Server":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the child deliberately
-            preexec_fn=_pdeathsig_preexec(),
+            preexec_fn=die_with_parent(),  # a killed `loft serve` (or test run) leaves no server behind
         )
         return self
 
@@ -147,6 +131,9 @@ class Server:
         while True:
             code = self.proc.poll()
             if code is not None:
+                why = self.diagnose(self.log_tail(200)) if self.diagnose else None
+                if why:
+                    raise LoftError(f"{why} (log: {self.log_path})")
                 print(self.log_tail(), file=sys.stderr)
                 raise LoftError(f"{self.name} exited with code {code} before it was ready (log: {self.log_path})")
             if _health(self.health_url) == 200 and self.proc.poll() is None:
@@ -220,6 +207,21 @@ def llama_server_command(
     return cmd
 
 
+# llama.cpp's own words for a GGUF it cannot read, most telling first (the loader's reason, then its summary).
+_LOAD_FAILURES = (r"gguf_init\w*: .*|error loading model.*", r"failed to load model.*")
+
+
+def gguf_load_failure(gguf_path: Path, log: str) -> str | None:
+    """The line from llama-server's log saying why the GGUF did not load, as a message with the fix."""
+    for pattern in _LOAD_FAILURES:
+        match = re.search(pattern, log)
+        if match:
+            return (f"llama-server could not load {gguf_path.name}: \"{match.group(0).strip()[:200]}\"; the file is "
+                    "damaged or cut short (an interrupted copy or export): export it again with `loft export "
+                    "MERGED_DIR` and serve the new .gguf")
+    return None
+
+
 def _check_gguf(gguf_path: Path) -> None:
     if not gguf_path.is_file():
         raise LoftError(f"{gguf_path} does not exist; export one with `loft export MERGED_DIR`")
@@ -256,6 +258,7 @@ def start_llama_server(
         chosen = port if port is not None else free_port(host)
         cmd = llama_server_command(gguf_path, host, chosen, ctx, parallel, gpu_layers, threads, loras=loras, ui=ui)
         server = Server(cmd, env, f"http://{_client_host(host)}:{chosen}", log_path, "llama-server")
+        server.diagnose = lambda log: gguf_load_failure(gguf_path, log)
         server.start()
         try:
             server.wait_ready(timeout)
