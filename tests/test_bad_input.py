@@ -536,18 +536,18 @@ TRAIN_CASES = {
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
 def test_train_refuses_before_training(case, tmp_path, capsys, monkeypatch):
-    from training import recipe, train
+    from training import paths, train
 
-    monkeypatch.setattr(recipe, "RUNS", tmp_path / "runs")  # what a refused run writes stays in the test's folder
+    monkeypatch.setattr(paths, "RUNS", tmp_path / "runs")  # what a refused run writes stays in the test's folder
     monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("training started"))
     argv = TRAIN_CASES[case][0](tmp_path)
     fails_cleanly(["train", *argv], capsys, TRAIN_CASES[case][1])
 
 
 def test_train_into_a_read_only_runs_folder(readonly, capsys, monkeypatch):
-    from training import recipe, train
+    from training import paths, train
 
-    monkeypatch.setattr(recipe, "RUNS", readonly)  # runs/ lives in the repo; point it at the read-only disk
+    monkeypatch.setattr(paths, "RUNS", readonly)  # runs/ lives in the repo; point it at the read-only disk
     monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("training started"))
     fails_cleanly(["train", str(DEMO), "--name", "x"], capsys, r"readonly/x: (the file system is read-only|permission)")
 

@@ -116,7 +116,7 @@ def test_html_renders_in_chromium_with_every_plot_loaded(run_dir, rendered):
         pytest.fail("Chromium is not installed; `make setup-serve` installs it (apt-get install chromium)")
     browser = chromium.Browser()
     try:
-        browser.goto((run_dir / report.REPORT_HTML).as_uri())
+        browser.goto((run_dir / RunDir.REPORT_HTML).as_uri())
         images = browser.wait_for("Array.from(document.images).every(i => i.complete) && "
                                   "Array.from(document.images).map(i => [i.naturalWidth, i.naturalHeight])")
         assert len(images) == 4 and all(w > 100 and h > 100 for w, h in images), images
