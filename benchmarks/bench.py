@@ -13,7 +13,8 @@ from pathlib import Path
 from benchmarks import speed
 from benchmarks.generate import add_generation_arguments, model_outputs, parse_spec
 from benchmarks.report import fmt, fmt_ci
-from training.errors import LoftError
+from training.errors import LoftError, read_jsonl
+from training.lifecycle import write_atomic
 from training.paths import RUNS, RunDir
 
 HELP = "Benchmark models: style transfer vs the author, head-to-head on math/code, summary faithfulness, speed."
@@ -68,17 +69,30 @@ def _generate(prompts: list[list[dict]], args, bench: str) -> dict[str, list[str
     folder = args.run / "generations"  # (creates the run folder too)
     folder.mkdir(parents=True, exist_ok=True)
     for name, outs in outputs.items():  # the raw answers; also usable later as --model NAME=<this file>
-        with (folder / f"{bench}-{name}.jsonl").open("w", encoding="utf-8") as fh:
-            for messages, out in zip(prompts, outs):
-                fh.write(json.dumps({"prompt": messages[-1]["content"], "output": out}, ensure_ascii=False) + "\n")
+        write_atomic(folder / f"{bench}-{name}.jsonl", "".join(
+            json.dumps({"prompt": messages[-1]["content"], "output": out}, ensure_ascii=False) + "\n"
+            for messages, out in zip(prompts, outs)))
     return outputs
 
 
 def _write(args, filename: str, result: dict) -> int:
-    path = args.run / filename
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path = write_atomic(args.run / filename, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"loft bench: {path}  (draw it with `loft report {args.run}`)")
     return 0
+
+
+def chat_rows(path: Path) -> list[dict]:
+    """Rows of a `loft data` eval.jsonl, each checked: a JSON object whose `messages` end in an answer."""
+    fix = ('each line must be {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]} '
+           "(rebuild it with `loft data`)")
+    rows = []
+    for n, row in read_jsonl(path, fix):
+        msgs = row.get("messages")
+        if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) and isinstance(
+                m.get("content"), str) for m in msgs)):
+            raise LoftError(f"{path}:{n}: no `messages` list of two or more {{role, content}} turns; {fix}")
+        rows.append(row)
+    return rows
 
 
 def run_style(args) -> int:
@@ -87,8 +101,7 @@ def run_style(args) -> int:
     eval_file = args.data / "eval.jsonl"
     if not eval_file.is_file():
         raise LoftError(f"{eval_file} not found; build it with `loft data shakespeare` (or pass --data)")
-    rows = [json.loads(line) for line in eval_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = rows[: args.limit]
+    rows = chat_rows(eval_file)[: args.limit]
     if len(rows) < 8:
         raise LoftError(f"{eval_file} has {len(rows)} rows (after --limit); the style score needs at least 8")
     prompts = [r["messages"][:-1] for r in rows]

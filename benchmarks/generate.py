@@ -189,7 +189,10 @@ def hf_chat(
 
 def saved_outputs(path: Path, n: int) -> list[str]:
     """Outputs generated elsewhere: a JSONL file with one {"output": ...} per prompt, in prompt order."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        rows = []  # reported below, with the shape it must have
     if len(rows) < n or not all(isinstance(r, dict) and isinstance(r.get("output"), str) for r in rows):
         raise LoftError(f"{path} must hold at least {n} JSON lines like {{\"output\": \"...\"}}, one per prompt")
     return [r["output"] for r in rows[:n]]

@@ -6,13 +6,19 @@ regenerates it at any time (and a missing file just leaves its section out).
 
 import base64
 import html
-import json
 import re
+import shutil
 from pathlib import Path
 
-from training.errors import LoftError
+from training.errors import LoftError, read_json
 from training.export import human_bytes
+from training.lifecycle import clear_stale, partial_path, write_atomic
 from training.paths import RunDir
+
+# Which verb writes each results file, for the message when one is not shaped as that verb writes it.
+WRITERS = {RunDir.STYLE_JSON: "loft bench style", RunDir.VERSUS_JSON: "loft bench versus",
+           RunDir.FAITHFULNESS_JSON: "loft bench faithfulness", RunDir.MERGE_JSON: "loft merge",
+           RunDir.EXPORT_JSON: "loft export", RunDir.PIPELINE_JSON: "loft demo"}
 
 HELP = "Write RUN_DIR/report.md and report.html (loss curves, benchmark scores, samples) from saved results."
 EXAMPLE = "loft report runs/demo"
@@ -23,10 +29,7 @@ def _load(run_dir: Path, name: str):
     path = run_dir / name
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise LoftError(f"{path} is not valid JSON ({err}); rerun the step that writes it") from None
+    return read_json(path, f"rerun `{WRITERS[name]}` to write it again, or remove the file")
 
 
 def loss_curves(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], Path | None]:
@@ -209,11 +212,30 @@ def render(run_dir) -> Path:
     loaded = {n: _load(run_dir, n) for n in (RunDir.STYLE_JSON, RunDir.VERSUS_JSON, RunDir.FAITHFULNESS_JSON,
                                               RunDir.MERGE_JSON, RunDir.EXPORT_JSON, RunDir.PIPELINE_JSON)}
     curves, events = loss_curves(run_dir)
-    if not curves and not any(loaded.values()):
+    if not curves and all(v is None for v in loaded.values()):
         raise LoftError(f"nothing to report in {run_dir}: no TensorBoard logs under adapter/runs and none of "
                         f"{', '.join(loaded)}; run `loft train` or `loft bench ...` with --run {run_dir}")
-    figures = run_dir / RunDir.FIGURES
-    figures.mkdir(exist_ok=True)
+    # Figures are drawn into a partial folder and swapped in at the end: a results file of the wrong shape
+    # (found while drawing its section) leaves the previous report and its figures as they were.
+    clear_stale(run_dir.glob(f".{RunDir.FIGURES}.*.partial"))
+    figures = partial_path(run_dir / RunDir.FIGURES)
+    figures.mkdir()
+    try:
+        md = sections(run_dir, loaded, curves, events, figures)
+        old = run_dir / RunDir.FIGURES
+        if old.exists():
+            shutil.rmtree(old)
+        figures.rename(old)
+    finally:
+        shutil.rmtree(figures, ignore_errors=True)
+    text = "\n".join(md)
+    write_atomic(run_dir / RunDir.REPORT_MD, text)
+    write_atomic(run_dir / RunDir.REPORT_HTML, to_html(text, run_dir, run_dir.name))
+    return run_dir / RunDir.REPORT_MD
+
+
+def sections(run_dir: Path, loaded: dict, curves: dict, events, figures: Path) -> list[str]:
+    """The report's Markdown lines, drawing the figures into `figures`."""
     md = [f"# Run report: {run_dir.name}", "",
           f"Regenerate with `loft report {run_dir}`; every number comes from the JSON files in this folder.", ""]
     if curves:
@@ -222,22 +244,22 @@ def render(run_dir) -> Path:
                table(["curve", "points", "first", "last"],
                      [[t, len(p), f"{p[0][1]:.4f}", f"{p[-1][1]:.4f}"] for t, p in sorted(curves.items())]),
                "", f"From {events.relative_to(run_dir)}.", ""]
-    if loaded[RunDir.STYLE_JSON]:
-        md += style_section(loaded[RunDir.STYLE_JSON], figures)
-    if loaded[RunDir.VERSUS_JSON]:
-        md += versus_section(loaded[RunDir.VERSUS_JSON], figures)
-    if loaded[RunDir.FAITHFULNESS_JSON]:
-        md += faithfulness_section(loaded[RunDir.FAITHFULNESS_JSON], figures)
-    if loaded[RunDir.MERGE_JSON]:
-        md += merge_section(loaded[RunDir.MERGE_JSON])
-    if loaded[RunDir.EXPORT_JSON]:
-        md += export_section(loaded[RunDir.EXPORT_JSON])
-    if loaded[RunDir.PIPELINE_JSON]:
-        md += ["## Time per stage", "", table(["stage", "seconds"], list(loaded[RunDir.PIPELINE_JSON].items())), ""]
-    text = "\n".join(md)
-    (run_dir / RunDir.REPORT_MD).write_text(text, encoding="utf-8")
-    (run_dir / RunDir.REPORT_HTML).write_text(to_html(text, run_dir, run_dir.name), encoding="utf-8")
-    return run_dir / RunDir.REPORT_MD
+    builders = {RunDir.STYLE_JSON: lambda r: style_section(r, figures),
+                RunDir.VERSUS_JSON: lambda r: versus_section(r, figures),
+                RunDir.FAITHFULNESS_JSON: lambda r: faithfulness_section(r, figures),
+                RunDir.MERGE_JSON: merge_section, RunDir.EXPORT_JSON: export_section,
+                RunDir.PIPELINE_JSON: lambda r: ["## Time per stage", "", table(["stage", "seconds"], list(r.items())),
+                                                 ""]}
+    for name, build in builders.items():
+        if loaded[name] is None:
+            continue
+        try:
+            md += build(loaded[name])
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError, ZeroDivisionError) as err:
+            what = f"no {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {str(err)[:80]}"
+            raise LoftError(f"{run_dir / name} is not shaped like what `{WRITERS[name]}` writes ({what}); rerun "
+                            f"`{WRITERS[name]}` to write it again, or move the file away") from None
+    return md
 
 
 def to_html(md: str, run_dir: Path, title: str) -> str:

@@ -34,11 +34,10 @@ from benchmarks.peers import harness
 from training import recipe as recipes
 from training.arch import shipped_config, shipped_names
 from training.axolotl import DROP, PAD_ID, WORDS, launch, random_model, word_tokenizer
-from training.errors import LoftError
+from training.errors import LoftError, guarded
 from training.launcher import Topology
-from training.paths import REPO, RUNS, RunDir
+from training.paths import RUNS, RunDir
 from training.recipe import RecipeFacts
-from training.versions import installed
 
 HELP = "GPU speed and memory of a recipe (random-init model, synthetic data), optionally vs TRL, Unsloth, naive TRL."
 EXAMPLE = ("loft bench speed recipes/qwen2.5-7b/qlora-sft-12gb.yaml --cap-gib 12 --steps 4 --warmup 2 "
@@ -193,7 +192,7 @@ def run_loft(recipe: Path, cfg: dict, work: Path, env: dict, gpus: int = 1) -> d
     os.environ.update(env)
     try:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # Axolotl's output: train.log
-            launch(resolved, run.train_log, Topology(gpus=gpus))
+            launch(resolved, run.train_log, topo=Topology(gpus=gpus))
     except LoftError:
         pass  # an out-of-memory crash left a "does_not_fit" record; anything else is reported as an error
     finally:
@@ -293,6 +292,15 @@ def add_arguments(parser) -> None:
                         help="run Loft on N GPUs (`loft train --gpus N`); tokens/s counts every rank, peaks are per GPU")
 
 
+def require_gpu() -> None:
+    """Throughput and peak memory are GPU measurements: without one, say so now (not after a minute of setup)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LoftError("loft bench speed measures training on a CUDA GPU and torch sees none here; run it on a GPU "
+                        "machine (`loft doctor RECIPE --gpu PROFILE` estimates memory without one)")
+
+
 def baseline_cap(cap_gib: float | None, baseline_cap_gib: float | None) -> float | None:
     """The baseline runs under --cap-gib unless --baseline-cap-gib says otherwise (0 = no cap)."""
     if baseline_cap_gib is None:
@@ -321,6 +329,7 @@ def run(args) -> int:
         raise LoftError("--cap-gib must be a positive number of GiB (e.g. 12); --baseline-cap-gib 0 lifts the "
                         "baseline's cap, and no cap is below 0")
     cfg = recipes.apply_overrides(recipes.load(args.recipe), args.overrides)
+    require_gpu()
     if not RecipeFacts.of(cfg).sequence_len_set:
         raise LoftError(f"{args.recipe} sets no sequence_len; the benchmark needs one")
     task = task_of(cfg)
@@ -406,8 +415,4 @@ if __name__ == "__main__":  # `python -m benchmarks.speed ...` works where the `
     add_arguments(parser)
     parsed = parser.parse_args()
     apply_private_env()
-    try:
-        sys.exit(run(parsed))
-    except LoftError as err:
-        print(f"loft bench speed: error: {err}", file=sys.stderr)
-        sys.exit(err.code)
+    sys.exit(guarded("loft bench speed", run, parsed))

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import _pyplot
-from training.errors import LoftError
+from training.errors import LoftError, guarded
 
 SWEEP = "t4-llama8b-long-"  # run names of the long recipe and the baseline at several lengths under one 12 GiB cap
 COLORS = {"loft": "#4c72b0", "baseline": "#c44e52"}
@@ -116,8 +116,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LoftError as err:
-        print(f"benchmarks.speed_figures: error: {err}", file=sys.stderr)
-        sys.exit(err.code)
+    sys.exit(guarded("benchmarks.speed_figures", main))

@@ -24,8 +24,12 @@ case "${1:-}" in
   *) echo "build_llama_cpp.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
 esac
 
-have_all() { for t in "${TARGETS[@]}"; do [[ -x "$DEST/bin/$t" ]] || return 1; done; [[ -f "$DEST/src/convert_hf_to_gguf.py" ]]; }
-if [[ $force == 0 ]] && have_all; then
+# The Python tools copied from the tree: the two converters and the gguf-py they were written against (the
+# tree's models/ holds only test vocabularies).
+SOURCES=(convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py LICENSE)
+have_bins() { for t in "${TARGETS[@]}"; do [[ -x "$DEST/bin/$t" ]] || return 1; done; }
+have_src() { for f in "${SOURCES[@]}"; do [[ -e "$DEST/src/$f" ]] || return 1; done; }
+if [[ $force == 0 ]] && have_bins && have_src; then
   echo "llama.cpp $LLAMA_CPP_PYTHON_VERSION: cached in $DEST"
   exit 0
 fi
@@ -40,6 +44,15 @@ echo "llama.cpp: fetching the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
 "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
 tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
 src="$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)"
+
+# A cache built before a tool was added to SOURCES: copy the sources in (atomically), no 8-minute rebuild.
+if [[ $force == 0 ]] && have_bins; then
+  rm -rf "$DEST/.src-$$"; mkdir -p "$DEST/.src-$$"
+  cp -r "${SOURCES[@]/#/$src/}" "$DEST/.src-$$/"
+  rm -rf "$DEST/src"; mv "$DEST/.src-$$" "$DEST/src"
+  echo "llama.cpp $LLAMA_CPP_PYTHON_VERSION: sources updated in $DEST/src"
+  exit 0
+fi
 
 jobs="$(nproc)"
 echo "llama.cpp: building ${TARGETS[*]} with $jobs jobs (about 8 minutes on 2 cores)"
@@ -58,8 +71,7 @@ stage="$CACHE/llama.cpp/.stage-$$"
 rm -rf "$stage"; mkdir -p "$stage/bin"
 cp "${TARGETS[@]/#/$work/build/bin/}" "$stage/bin/"
 mkdir -p "$stage/src"
-# The converter and the gguf-py it was written against (the tree's models/ holds only test vocabularies).
-cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE" "$stage/src/"
+cp -r "${SOURCES[@]/#/$src/}" "$stage/src/"
 echo "$LLAMA_CPP_PYTHON_VERSION" >"$stage/VERSION"
 rm -rf "$DEST"; mv "$stage" "$DEST"
 echo "llama.cpp $LLAMA_CPP_PYTHON_VERSION: built into $DEST"

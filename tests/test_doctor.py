@@ -238,7 +238,34 @@ def test_coverage_below_one_epoch(tmp_path, data):
 def test_learning_rate_schedule(tmp_path, data):
     assert "is 0" in only(findings(make(tmp_path, data, learning_rate=0.0)), "LOFT-L203", "error").reason
     f = only(findings(make(tmp_path, data, warmup_steps=1000, warmup_ratio=DROP)), "LOFT-L203", "warning")
-    assert "warmup_steps 1000" in f.reason
+    assert "warm-up (1000 steps) is as long as the whole 50-step run" in f.reason and "never reaches" in f.reason
+
+
+@pytest.mark.parametrize("changes, expect", [
+    # the learning rate peaks only at the end: most steps ramp up at a fraction of it
+    ({"warmup_ratio": 0.95}, r"the warm-up takes 47 of the 50 steps \(94%\)"),
+    ({"warmup_steps": 30, "warmup_ratio": DROP}, "reaches 0.001 only at step 30"),
+    ({"warmup_steps": 0.8, "warmup_ratio": DROP}, "the warm-up takes 40 of the 50 steps"),  # a ratio, as transformers 5 reads it
+    ({"warmup_steps": 50, "warmup_ratio": DROP}, "never reaches 0.001"),
+    ({"learning_rate": 1e-7}, "below 1e-6: a LoRA adapter starts at zero"),
+])
+def test_schedules_that_waste_most_steps(tmp_path, data, changes, expect):
+    import re
+
+    found = findings(make(tmp_path, data, **changes), data=True)
+    reasons = [f.reason for f in found.get("LOFT-L203", []) if f.severity == "warning"]
+    assert any(re.search(expect, r) for r in reasons), reasons
+
+
+def test_max_steps_beside_num_epochs_says_which_wins(tmp_path, data):
+    f = only(findings(make(tmp_path, data, max_steps=200, num_epochs=1)), "LOFT-L203", "note")
+    assert "max_steps 200 sets the run length and num_epochs 1 is ignored: 200 steps are 4.00 epochs" in f.reason
+
+
+def test_sound_schedules_are_not_flagged(tmp_path, data):
+    for changes in ({"warmup_ratio": 0.1}, {"lr_scheduler": "linear"}, {"lr_scheduler": "constant"},
+                    {"warmup_steps": 5, "warmup_ratio": DROP}):
+        assert "LOFT-L203" not in findings(make(tmp_path, data, **changes)), changes
 
 
 def test_tiny_dataset_many_epochs(tmp_path, data):

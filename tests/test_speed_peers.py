@@ -121,6 +121,8 @@ def test_tuned_runner_trains_a_tiny_model_beside_an_unsloth_that_cannot(tmp_path
     """Real TRL training on the CPU (Liger off: it needs a GPU), through the same harness as on the GPU host.
     (The naive runner shares its loading and arguments; its own path is the quickstart's SFTTrainer call.)"""
     monkeypatch.setattr(speed, "BENCH", tmp_path)
+    # The harness and runner on the CPU: the user-facing "no GPU here" refusal is tested in test_bad_input.py.
+    monkeypatch.setattr(speed, "require_gpu", lambda: None)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a 64-wide model: two threads contending on a busy box run ~10x slower
     cfg = yaml.safe_load(CPU_RECIPE.read_text())  # packed short rows; no plugin (no Axolotl import: no Loft run)
     cfg.update(sample_packing=True, sequence_len=512, plugins=[])

@@ -7,12 +7,15 @@ output in the run's log. The stand-in model and tokenizer let memory and speed b
 weights: memory and throughput do not depend on the weights' values.
 """
 
+import datetime
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from training import lifecycle
 from training.errors import LoftError
 from training.launcher import Topology, command, environment
 from training.paths import REPO, RUNS
@@ -20,23 +23,72 @@ from training.paths import REPO, RUNS
 GUARD = "training.guard.HealthGuardPlugin"
 
 
-def launch(resolved: Path, log_path: Path | None = None, topo: Topology | None = None) -> None:
-    """Train `resolved` with Axolotl: one process, or the processes of `topo` (training/launcher.py)."""
+def launch(resolved: Path, log_path: Path | None = None, resume: bool = False,
+           topo: Topology | None = None) -> None:
+    """Run Axolotl on a resolved recipe, in one process or the processes of `topo` (training/launcher.py); its
+    output is shown and kept in log_path (appended on resume; an earlier log is moved to train.log.1, .2, ...
+    otherwise, never overwritten). Axolotl and accelerate run under the group supervisor, so a killed
+    `loft train` takes them down instead of leaving a GPU busy."""
     env, cmd = environment(topo), command(resolved, topo)
-    log = open(log_path, "w") if log_path else None
+    log = open_log(log_path, resume) if log_path else None
+    proc = subprocess.Popen(lifecycle.supervised(cmd), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+                            preexec_fn=lifecycle.die_with_parent())
     try:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:  # show Axolotl's own progress, keep a copy in train.log
             sys.stdout.write(line)
             if log:
                 log.write(line)
         rc = proc.wait()
-    finally:
+    finally:  # Ctrl-C reaches only us (the children have their own session): stop them before leaving
+        lifecycle.stop(proc)
         if log:
             log.close()
     if rc != 0:
         where = f"; see {log_path}" if log_path else ""
-        raise LoftError(f"Axolotl training failed (exit {rc}){where}", code=rc if rc > 0 else 1)
+        why = failure_reason(log_path) if log_path else None
+        raise LoftError(f"Axolotl training failed (exit {rc}){f': {why}' if why else ''}{where}",
+                        code=rc if 0 < rc < 128 else 1)
+
+
+def open_log(path: Path, resume: bool):
+    """train.log for appending (resume) or fresh, with an earlier log rotated to train.log.N, not overwritten."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not resume:
+        n = 1
+        while path.with_name(f"{path.name}.{n}").exists():
+            n += 1
+        path.rename(path.with_name(f"{path.name}.{n}"))
+    log = open(path, "a")
+    if resume:
+        log.write(f"\n===== loft train --resume {datetime.datetime.now().isoformat(timespec='seconds')} =====\n")
+    return log
+
+
+# The lines that say why a run died, in the order worth reporting (a traceback's last line comes after them).
+_REASONS = (r"No space left on device", r"CUDA out of memory|OutOfMemoryError", r"Permission denied|Read-only file",
+            r"^\w*(Error|Exception)\b.*")
+
+
+def failure_reason(log_path: Path) -> str | None:
+    """The line of Axolotl's log that says why it failed (a full disk, out of memory, the exception), or None."""
+    lines = [line.strip() for line in log_tail(log_path).splitlines() if line.strip()]
+    for pattern in _REASONS:
+        found = [line for line in lines if re.search(pattern, line)]
+        if found:
+            return found[-1][:240]
+    return None
+
+
+def log_tail(path: Path, size: int = 64 << 10) -> str:
+    """The last `size` bytes of a log."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - size))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
 
 # The stand-in tokenizer: one token per word `w0`..`w3999` plus ChatML's specials, so row lengths in tokens are
 # exact and every id fits any model's vocabulary. It lives in its own folder: next to a config.json, AutoTokenizer

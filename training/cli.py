@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from training import data, model, doctor, train, merge, export, serve, demo
-from training.errors import LoftError
+from training.errors import guarded
 from training.paths import apply_private_env
 from benchmarks import bench, report
 
@@ -45,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_private_env(online=args.online)
-    try:
-        return int(args._run(args) or 0)
-    except LoftError as err:
-        print(f"loft {args.verb}: error: {err}", file=sys.stderr)
-        return err.code
-    except KeyboardInterrupt:
-        print(f"loft {args.verb}: interrupted", file=sys.stderr)
-        return 130
+    return guarded(f"loft {args.verb}", args._run, args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from training.errors import LoftError
+from training.lifecycle import clear_stale, write_atomic
 from training.paths import RUNS
 
 HELP = "Build train/eval chat JSONL in an author's voice (Shakespeare, or a folder of your own writing)."
@@ -182,12 +183,9 @@ def build(
         raise LoftError("too little text to make both a train and an eval split; add text or lower --passage-tokens")
 
     out.mkdir(parents=True, exist_ok=True)
+    clear_stale(out.glob(".*.partial"))  # left by a `loft data` that was killed
     for name, rows in (("train", train), ("eval", held)):
-        tmp = out / f".{name}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.rename(out / f"{name}.jsonl")
+        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     meta = {
         "kind": kind,
         "passage_tokens": passage_tokens,
@@ -199,7 +197,7 @@ def build(
         "instruction": INSTRUCTION[kind],
         "seed": seed,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2))
     return meta
 
 

@@ -139,8 +139,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from training import llama_cpp
+    from training.recipe import check_run_name
+
     if args.steps is not None and args.steps < 1:
         raise LoftError("--steps must be at least 1")
+    check_run_name(args.name)
+    llama_cpp.llama_cpp_dir()  # the export and serve stages need it: say so now, not after training
     path = pipeline(args.name, args.steps, args.resume)
     print(f"\nloft demo: report -> {path}")
     return 0

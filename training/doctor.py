@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.errors import LoftError
+from training.errors import LoftError, guarded
 
 HELP = "Check a recipe before training: schema, data, wasteful settings, and peak GPU memory on a GPU profile."
 EXAMPLE = "loft doctor recipes/smollm2-135m/lora-cpu.yaml --gpu rtx5070-12gb"
@@ -373,15 +373,15 @@ def with_overrides(recipe: Path, overrides: list[str]) -> Path:
     import yaml
 
     from training import recipe as recipes
+    from training.lifecycle import write_atomic
     from training.paths import RUNS
 
     cfg = recipes.apply_overrides(recipes.load(recipe), overrides)
     tag = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
     out = RUNS / "doctor" / f"{recipes.default_run_name(recipe)}-{tag}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# {recipe} with " + " ".join(f"--set {o}" for o in overrides) + "\n"
-                   + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
-    return out
+    return write_atomic(out, f"# {recipe} with " + " ".join(f"--set {o}" for o in overrides) + "\n"
+                        + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
 
 
 def run(args) -> int:
@@ -422,11 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     apply_private_env()
-    try:
-        return run(args)
-    except LoftError as err:
-        print(f"loft doctor: error: {err}", file=sys.stderr)
-        return err.code
+    return guarded("loft doctor", run, args)
 
 
 if __name__ == "__main__":

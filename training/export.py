@@ -19,6 +19,8 @@ the perplexity baseline); it is kept only when `f16` is among --quants.
 Atomic: every file is written under a hidden temporary name in the out dir (.<file>.<pid>.partial) and
 renamed only once all stages succeeded. On any failure, Ctrl-C or SIGTERM the temporary files are removed
 (and the out dir too, if this run created it and it is empty), so a GGUF in the out dir is always complete.
+kill -9 leaves no chance to clean up: the converter and llama-quantize die with us (a parent-death signal), and
+the next export into the same out dir removes the partials whose process is gone (at 7B, ~15 GB each).
 """
 
 import json
@@ -26,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ import time
 from pathlib import Path
 
 from training import llama_cpp
-from training.errors import LoftError
+from training.errors import LoftError, damaged, read_json, read_safetensors_header
+from training.lifecycle import clear_stale, die_with_parent
 from training.paths import RunDir
 
 HELP = "Convert a merged model to GGUF (F16 + quants) with llama.cpp, with sizes and perplexity vs F16."
@@ -88,31 +90,28 @@ def parse_quants(quants) -> list[str]:
 
 def check_model_dir(merged: Path) -> list[Path]:
     """The safetensors files of a full HF model directory, or a LoftError saying what is wrong."""
+    if not merged.exists():
+        raise LoftError(f"{merged} does not exist; pass a merged model directory (from `loft merge`)")
     if not merged.is_dir():
         raise LoftError(f"{merged} is not a directory; pass a merged model directory (from `loft merge`)")
     if (merged / "adapter_config.json").exists() and not (merged / "config.json").exists():
         raise LoftError(f"{merged} is a LoRA adapter, not a full model; run `loft merge` first and export its output")
     if not (merged / "config.json").exists():
         raise LoftError(f"{merged} has no config.json; pass a Hugging Face model directory")
+    read_json(merged / "config.json", "restore it from the model you merged (or rerun `loft merge`)")
     weights = sorted(merged.glob("*.safetensors"))
     if not weights:
         raise LoftError(f"{merged} has no *.safetensors weights; save the merged model with safe_serialization")
     if not (merged / "tokenizer.json").exists():
         raise LoftError(f"{merged} has no tokenizer.json; save the tokenizer next to the merged weights")
+    read_json(merged / "tokenizer.json", "copy the tokenizer files from the base model again (or rerun `loft merge`)")
     return weights
 
 
 def count_parameters(weights: list[Path]) -> int:
     """Number of parameters, read from the safetensors headers (no tensor data is loaded)."""
-    total = 0
-    for path in weights:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for key, info in header.items():
-            if key != "__metadata__":
-                total += math.prod(info["shape"])
-    return total
+    fix = "the weights are cut short or corrupt: copy or merge them again"
+    return sum(math.prod(info["shape"]) for path in weights for info in read_safetensors_header(path, fix).values())
 
 
 def estimate_bytes(merged: Path, quants: list[str]) -> dict[str, int]:
@@ -130,8 +129,12 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_disk(out: Path, need: int) -> None:
-    """Refuse, in one line, when the filesystem of `out` has less than `need` bytes free."""
-    free = shutil.disk_usage(_existing_parent(out)).free
+    """Refuse, in one line, when `out` cannot be written or its filesystem has less than `need` bytes free."""
+    parent = _existing_parent(out)
+    if not os.access(parent, os.W_OK):
+        raise LoftError(f"{out} cannot be written: {parent} is read-only or not writable by this user; make it "
+                        "writable or pass --out on a writable disk")
+    free = shutil.disk_usage(parent).free
     if free < need:
         raise LoftError(
             f"not enough disk space in {out}: the export needs ~{human_bytes(need)}, {human_bytes(free)} is free "
@@ -167,10 +170,13 @@ def check_eval_length(merged: Path, text, ctx: int) -> None:
             raise LoftError(f"eval text {text} is not UTF-8; convert it (iconv -t utf-8)") from None
     try:
         from tokenizers import Tokenizer
-
-        count = len(Tokenizer.from_file(str(merged / "tokenizer.json")).encode(text, add_special_tokens=False).ids)
     except ImportError:
         return  # llama-perplexity reports it later
+    try:
+        tokenizer = Tokenizer.from_file(str(merged / "tokenizer.json"))
+    except Exception as err:  # noqa: BLE001 (the tokenizers library raises a bare Exception for a bad file)
+        raise damaged(merged / "tokenizer.json", err, "copy the tokenizer files from the base model again") from None
+    count = len(tokenizer.encode(text, add_special_tokens=False).ids)
     if count < 2 * ctx:
         raise LoftError(f"eval text is too short for perplexity: {count} tokens, at least {2 * ctx} needed at --ppl-ctx {ctx}")
 
@@ -186,13 +192,12 @@ def human_bytes(n: float) -> str:
 
 def _run(cmd: list[str], what: str) -> str:
     """Run a llama.cpp tool; return its output, or raise LoftError with the last lines on stderr."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=llama_cpp.tool_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=llama_cpp.tool_env(),
+                          preexec_fn=die_with_parent())
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        last = llama_cpp.tail(output, 15)
-        print(last, file=sys.stderr)
-        reason = last.splitlines()[-1].strip() if last else f"exit code {proc.returncode}"
-        raise LoftError(f"{what} failed: {reason}")
+        print(llama_cpp.tail(output, 15), file=sys.stderr)
+        raise LoftError(f"{what} failed: {llama_cpp.reason(output, proc.returncode)}")
     return output
 
 
@@ -200,7 +205,8 @@ def perplexity(gguf: Path, text_file: Path, ctx: int = PPL_CTX, chunks: int = PP
     """llama-perplexity on a text file: {"ppl", "ppl_err", "chunks"} (parsed from 'Final estimate: PPL = X')."""
     cmd = [str(llama_cpp.binary("llama-perplexity")), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx)]
     cmd += ["--chunks", str(chunks)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=llama_cpp.tool_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=llama_cpp.tool_env(),
+                          preexec_fn=die_with_parent())
     output = proc.stdout + proc.stderr
     short = re.search(r"you need at least (\d+) tokens", output)
     if short:
@@ -241,6 +247,7 @@ def export(
     out = Path(out_dir).expanduser().resolve() if out_dir else merged / "gguf"
     name = merged.name
     root = llama_cpp.llama_cpp_dir()  # raises when llama.cpp is not built
+    sizes = estimate_bytes(merged, quants)  # checks the model folder first: the eval check reads its tokenizer
     if ppl and eval_text is not None:
         eval_text = Path(eval_text).expanduser()
         if not eval_text.is_file():
@@ -248,7 +255,6 @@ def export(
     default_text = default_eval_text() if ppl and eval_text is None else None
     if ppl:
         check_eval_length(merged, default_text if default_text is not None else eval_text, ppl_ctx)
-    sizes = estimate_bytes(merged, quants)
     need = int(sum(sizes.values()) * DISK_MARGIN) + DISK_SLACK
     check_disk(out, need)
 
@@ -266,10 +272,12 @@ def export(
           f"~{human_bytes(need)} of disk needed, {human_bytes(shutil.disk_usage(_existing_parent(out)).free)} free)", flush=True)
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in clear_stale(out.glob(".*.partial")):  # left by an export that was killed (kill -9, power loss)
+        print(f"loft export: removed {stale.name}, left by an export that was killed", flush=True)
     eval_tmp = None
     try:
         t = progress("convert_hf_to_gguf.py -> F16")
-        log = out / f".convert.{os.getpid()}.log.partial"
+        log = out / f".convert.log.{os.getpid()}.partial"
         tmp["log"] = log
         llama_cpp.convert_hf_to_gguf(merged, tmp["f16"], "f16", log=log)
         log.unlink()

@@ -24,13 +24,19 @@ def effective_batch(cfg: dict) -> int:
     return max(1, mb) * max(1, ga)
 
 
+def warmup_steps(cfg: dict, total: int) -> int:
+    """Warm-up length in steps as Axolotl + transformers pick it: warmup_steps (a float below 1 is a ratio, as
+    transformers 5 reads it), else warmup_ratio × total, else Axolotl's default min(3%, 100 steps)."""
+    warmup = cfg.get("warmup_steps")
+    if isinstance(warmup, (int, float)) and not isinstance(warmup, bool):
+        return max(int(warmup * total) if 0 < warmup < 1 else int(warmup), 0)
+    ratio = cfg.get("warmup_ratio")
+    return max(int(ratio * total) if isinstance(ratio, (int, float)) else min(int(0.03 * total), 100), 0)
+
+
 def lr_curve(cfg: dict, total: int) -> list[float]:
     """Learning-rate multiplier per step as Axolotl + transformers compute it (cosine/linear/constant)."""
-    warmup = cfg.get("warmup_steps")
-    if not isinstance(warmup, (int, float)):
-        ratio = cfg.get("warmup_ratio")
-        warmup = int(ratio * total) if isinstance(ratio, (int, float)) else min(int(0.03 * total), 100)
-    warmup = max(int(warmup), 0)
+    warmup = warmup_steps(cfg, total)
     kind = str(cfg.get("lr_scheduler") or "cosine")
     floor = cfg.get("cosine_min_lr_ratio") if isinstance(cfg.get("cosine_min_lr_ratio"), (int, float)) else 0.0
     out = []
@@ -93,18 +99,7 @@ def check(cfg: dict, report, arch, est):
                    "learning_rate: 2e-4 (QLoRA) or 1e-4 (LoRA) is a good start", key="learning_rate")
     total = steps or (math.ceil(epochs * rows / per_step) if rows else None)
     if total and total < 1_000_000 and isinstance(lr, (int, float)) and lr > 0:
-        curve = lr_curve(cfg, int(total))
-        warm = cfg.get("warmup_steps")
-        low = sum(m < 0.1 for m in curve) / len(curve)
-        if isinstance(warm, (int, float)) and warm >= 0.5 * total:
-            report.add("LOFT-L203", "warning", f"warmup_steps {warm} ≥ half of the {total} steps: the learning rate "
-                       f"peaks at {100 * min(1, total / max(warm, 1)):.0f}% of {lr:g} and the run is mostly warm-up",
-                       f"warmup_steps: {max(1, total // 20)} (5%) or warmup_ratio: 0.05", key="warmup_steps")
-        elif low > 0.5:
-            report.add("LOFT-L203", "warning", f"the learning rate is below 10% of {lr:g} for {100 * low:.0f}% of the "
-                       f"{total} steps ({cfg.get('lr_scheduler') or 'cosine'})",
-                       "check warmup_ratio/warmup_steps, cosine_min_lr_ratio and max_steps against the real run length",
-                       key="lr_scheduler")
+        schedule(cfg, report, int(total), lr, steps, epochs, rows, per_step)
 
     # L205 clipping
     if cfg.get("max_grad_norm") == 0:
@@ -146,6 +141,41 @@ def check(cfg: dict, report, arch, est):
         if not importable(package):
             report.add("LOFT-L210", "error", f"{why} needs the `{package}` package, which is not installed",
                        f"pip install {package.replace('_', '-')} (or `make setup` with the GPU profile)", key=key)
+
+
+def schedule(cfg: dict, report, total: int, lr: float, steps, epochs, rows, per_step) -> None:
+    """L203 on the whole schedule: every way the steps end up at a rate too low to teach anything."""
+    curve = lr_curve(cfg, total)
+    warmup = warmup_steps(cfg, total)
+    warm_key = "warmup_steps" if "warmup_steps" in cfg else "warmup_ratio"
+    fix_warmup = f"warmup_ratio: 0.05 (or warmup_steps: {max(1, total // 20)}), and no warmup_steps/warmup_ratio beside it"
+    low = sum(m < 0.1 for m in curve) / len(curve)
+    useful = sum(m >= 0.5 for m in curve) / len(curve)
+    if warmup >= total:
+        report.add("LOFT-L203", "warning", f"the warm-up ({warmup} steps) is as long as the whole {total}-step run: "
+                   f"the learning rate never reaches {lr:g} (it ends at {100 * curve[-1]:.0f}% of it)",
+                   fix_warmup, key=warm_key)
+    elif warmup >= 0.5 * total:
+        report.add("LOFT-L203", "warning", f"the warm-up takes {warmup} of the {total} steps ({100 * warmup / total:.0f}%): "
+                   f"the learning rate reaches {lr:g} only at step {warmup}, and {100 * (1 - useful):.0f}% of the "
+                   "steps run below half of it", fix_warmup, key=warm_key)
+    elif low > 0.5:
+        report.add("LOFT-L203", "warning", f"the learning rate is below 10% of {lr:g} for {100 * low:.0f}% of the "
+                   f"{total} steps ({cfg.get('lr_scheduler') or 'cosine'}; it decays to ~0 early)",
+                   "check warmup_ratio/warmup_steps, cosine_min_lr_ratio and max_steps against the real run length",
+                   key="lr_scheduler")
+    if RecipeFacts.of(cfg).adapter and lr < 1e-6:
+        report.add("LOFT-L203", "warning", f"learning_rate {lr:g} is below 1e-6: a LoRA adapter starts at zero and at "
+                   "this rate barely moves in any run length", "learning_rate: 2e-4 (QLoRA) or 1e-4 (LoRA) is a good start",
+                   key="learning_rate")
+    # max_steps wins over num_epochs in transformers: say so when the two describe very different runs
+    if steps and "num_epochs" in cfg and rows and isinstance(epochs, (int, float)) and epochs > 0:
+        seen = steps * per_step / rows
+        if seen > 2 * epochs or 1 <= seen < epochs / 2:  # below one epoch is L202's
+            report.add("LOFT-L203", "note", f"max_steps {steps} sets the run length and num_epochs {epochs:g} is "
+                       f"ignored: {steps} steps are {seen:.2f} epochs of {rows} rows, and the schedule (warm-up, "
+                       "decay) is spread over those steps",
+                       f"drop max_steps to train {epochs:g} epochs, or set num_epochs to match", key="max_steps")
 
 
 def needed_packages(cfg: dict) -> list[tuple[str, str, str]]:

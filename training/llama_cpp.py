@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 from training.errors import LoftError
+from training.lifecycle import die_with_parent
 from training.paths import REPO, cache_dir
 
 BUILD_SCRIPT = REPO / "setup" / "build_llama_cpp.sh"
@@ -57,6 +58,12 @@ def llama_cpp_dir(check: bool = True) -> Path:
     return root
 
 
+def ui_dir() -> Path | None:
+    """llama-server's chat web page, built by setup/build_llama_ui.sh, or None when it is not built."""
+    root = cache_dir() / "llama-ui" / pinned_version()
+    return root if (root / "index.html").is_file() else None
+
+
 def binary(name: str) -> Path:
     """Path of one llama.cpp tool (llama-server, llama-quantize, llama-perplexity, llama-tokenize)."""
     if name not in TOOLS:
@@ -66,6 +73,14 @@ def binary(name: str) -> Path:
 
 def convert_script() -> Path:
     return llama_cpp_dir() / "src" / "convert_hf_to_gguf.py"
+
+
+def lora_convert_script() -> Path:
+    """convert_lora_to_gguf.py from the same tree (PEFT LoRA -> GGUF LoRA for llama-server --lora)."""
+    script = llama_cpp_dir() / "src" / "convert_lora_to_gguf.py"
+    if not script.is_file():
+        raise LoftError(f"{script} is missing (a llama.cpp cache from before adapters were served); {SETUP_HINT}")
+    return script
 
 
 def tool_env(extra: dict | None = None) -> dict:
@@ -124,6 +139,19 @@ def tail(text_or_path, lines: int = 20) -> str:
     return "\n".join([l for l in text.splitlines() if l.strip()][-lines:])
 
 
+_PROGRESS = re.compile(r"\d+%\||\[\d+/\d+\]|^Writing:|\d+(\.\d+)?[kMG]?(/s|B/s|it/s)\]?$")
+_FAILURE = re.compile(r"(Error|Exception|error|failed|FAILED|cannot|unable|No space|Killed)")
+
+
+def reason(output, code: int) -> str:
+    """Why a tool failed, from its output: the last error-like line, never a progress bar ("Writing: 50%|...")."""
+    lines = [line.strip() for line in tail(output, 200).splitlines() if not _PROGRESS.search(line.strip())]
+    errors = [line for line in lines if _FAILURE.search(line)]
+    if errors:
+        return errors[-1][:300]
+    return lines[-1][:300] if lines else f"exit code {code}"
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -159,15 +187,18 @@ def convert_hf_to_gguf(
         cmd.append("--vocab-only")
     if log is not None:
         with open(log, "w") as fh:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=converter_env())
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=converter_env(),
+                                  preexec_fn=die_with_parent())
         output = log
     else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=converter_env(), preexec_fn=die_with_parent())
         output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         last = tail(output, 15)
         print(last, file=sys.stderr)
-        reason = last.splitlines()[-1] if last else f"exit code {proc.returncode}"
+        why = reason(output, proc.returncode)
         if "pre-tokenizer" in last or "BPE pre-tokenizer" in last:
-            reason += " (the tokenizer's pre-tokenizer hash is unknown to this llama.cpp)"
-        raise LoftError(f"convert_hf_to_gguf.py failed on {model_dir}: {reason}")
+            why += " (the tokenizer's pre-tokenizer hash is unknown to this llama.cpp)"
+        if proc.returncode < 0:
+            why = f"killed by signal {-proc.returncode} ({why})"
+        raise LoftError(f"convert_hf_to_gguf.py failed on {model_dir}: {why}")

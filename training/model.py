@@ -11,11 +11,12 @@ Two repairs make the result behave like the original checkpoint:
 
 import importlib.util
 import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from training.errors import LoftError
+from training.errors import LoftError, read_json, read_safetensors_header
+from training.lifecycle import clear_stale
 from training.paths import RUNS, cache_dir
 
 HELP = "Convert the embedded SmolLM2-135M-Instruct GGUF into a cached HF model directory (once)."
@@ -95,10 +96,19 @@ def fix_tokenizer(model_dir: Path) -> None:
     (model_dir / FIX_MARKER).write_text(str(FIX_VERSION))
 
 
+def check_cache(out: Path) -> None:
+    """A cached conversion damaged since (a disk that filled up, a copy cut short) is named with its fix."""
+    fix = "convert it again with `loft model --force`"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        read_json(out / name, fix)
+    read_safetensors_header(out / "model.safetensors", fix)
+
+
 def ensure_default_model(quiet: bool = False) -> Path:
     """Return the cached HF directory, converting the GGUF on first use (atomic: temp dir, then rename)."""
     out = default_model_dir()
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        check_cache(out)
         marker = out / FIX_MARKER
         if not marker.exists() or marker.read_text() != str(FIX_VERSION):
             fix_tokenizer(out)  # an older cache: repair it in place (idempotent)
@@ -111,7 +121,9 @@ def ensure_default_model(quiet: bool = False) -> Path:
     if not quiet:
         print(f"loft model: converting {gguf.name} -> {out} (once, ~1 min)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=out.parent))
+    clear_stale(out.parent.glob(f".{NAME}.partial-*"))  # a conversion that was killed
+    tmp = out.parent / f".{NAME}.partial-{os.getpid()}"
+    tmp.mkdir()
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)

@@ -7,6 +7,7 @@ Caches live outside the repo (the model and the llama.cpp build are shared by ev
     llama.cpp/<version>/src/         the vendored llama.cpp tree (convert_hf_to_gguf.py, gguf-py)
 """
 
+import logging
 import os
 from pathlib import Path
 
@@ -108,3 +109,15 @@ def apply_private_env(online: bool = False) -> None:
         if online and key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             continue
         os.environ.setdefault(key, value)
+    quiet_import_noise()
+
+
+# torchao (imported by Axolotl) ships CUDA-only kernels (_C_mxfp8, _C_cutlass_90a): where CUDA is missing, its import
+# logs "Failed to load .../torchao/_C_*.so" for each, then torch logs a deprecation warning per torchao enum. Both
+# are harmless and read like a broken install on every verb that imports Axolotl; their errors still show.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -7,12 +7,14 @@ launcher): every other module asks it rather than reading those keys itself.
 """
 
 import difflib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from training.errors import LoftError
+from training.lifecycle import write_atomic
 from training.paths import RunDir
 
 
@@ -180,6 +182,10 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         check_key(key.split(".")[0], known)
         value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            # YAML 1.1 reads yes/no/on/off/y/n as booleans: say so, since `--set key=no` may have meant the word
+            print(f"loft: note: --set {item} reads {raw!r} as boolean {str(value).lower()}; for the text, quote it: "
+                  f"--set '{key}=\"{raw}\"'", file=sys.stderr)
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; Axolotl wants the number
             try:
                 value = float(value)
@@ -203,8 +209,18 @@ def default_run_name(recipe: Path) -> str:
     return f"{recipe.resolve().parent.name}-{recipe.stem}"
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one folder under runs/: no path separators, not `.`/`..`, not empty."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise LoftError(f"run name {name!r} must be a plain folder name under runs/ (letters, digits, - _ .), "
+                        "e.g. --name qwen-r32")
+    return name
+
+
 def resolve(recipe: Path, name: str | None, overrides: list[str]) -> tuple[Path, dict]:
     """Return (run_dir, resolved cfg) with outputs pointed into runs/<name>/."""
+    if name is not None:
+        check_run_name(name)
     cfg = apply_overrides(load(recipe), overrides)
     run = RunDir.named(name or default_run_name(recipe))
     cfg["output_dir"] = str(run.adapter)
@@ -216,5 +232,4 @@ def write(cfg: dict, run_dir: Path, recipe: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = RunDir(run_dir).recipe
     header = f"# Resolved by loft from {recipe} (overrides applied). Axolotl trained this exact file.\n"
-    out.write_text(header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
-    return out
+    return write_atomic(out, header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))

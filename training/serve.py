@@ -4,41 +4,44 @@ MODEL picks the engine (or --engine does):
   *.gguf        -> llama.cpp's llama-server (the cached build), with production flags:
                    -c CTX×PARALLEL with --parallel slots (every slot gets the full --ctx), continuous
                    batching (-cb), --jinja (the chat template embedded in the GGUF renders the prompts),
-                   -fa auto, --no-webui and --no-slots (no browser UI, no endpoint listing live prompts),
-                   --metrics (Prometheus), -ngl 999 only when nvidia-smi sees a GPU (this build is CPU-only
-                   unless rebuilt with CUDA; --gpu-layers overrides). The API key goes to the child via
-                   LLAMA_API_KEY so it never shows in `ps`.
-  a directory   -> vLLM (`vllm serve DIR ...`): --dtype from config.json, --max-model-len, --chat-template
-                   from the directory, --served-model-name. vLLM needs a CUDA machine; --dry-run prints the
-                   command anywhere.
+                   -fa auto, --no-slots (no endpoint listing live prompts), --metrics (Prometheus), -ngl 999
+                   only when nvidia-smi sees a GPU (this build is CPU-only unless rebuilt with CUDA;
+                   --gpu-layers overrides). The chat web page at / when setup built it (--no-ui: none).
+                   The API key goes to the child via LLAMA_API_KEY so it never shows in `ps`.
+  a directory   -> vLLM (training/vllm_engine.py: the CUDA `vllm` on a GPU machine, else the CPU build in its
+                   own venv from `make setup-vllm`): --dtype from config.json, --max-model-len, --chat-template
+                   from the directory, --served-model-name. --dry-run prints the command anywhere.
+--adapter NAME=DIR (repeatable) serves LoRA adapters beside the base, unmerged (training/adapters.py): vLLM as
+models named NAME, llama-server as GGUF LoRAs that a request switches on with "lora": [{"id": i, "scale": 1}].
 Bound to 127.0.0.1 unless --host says otherwise. Startup waits for GET /health (fails with the server's
-last log lines if it dies); Ctrl-C stops the server (SIGTERM to the child, SIGKILL after 10 s).
+last log lines if it dies); Ctrl-C stops the server (SIGTERM to the child, SIGKILL after 10 s, then anything
+left in its process group).
 --smoke sends one chat completion with the `openai` client, prints the answer and latency, then stops.
 
-Python: `with llama_server("model.gguf") as base_url:` starts llama-server on a free port and yields the
-OpenAI base URL (http://127.0.0.1:PORT/v1); `openai.OpenAI(base_url=base_url, api_key=...)` talks to it.
+Python: `with llama_server("model.gguf") as base_url:` (or `vllm_server("merged_dir")`) starts a server on a
+free port and yields the OpenAI base URL (http://127.0.0.1:PORT/v1); `openai.OpenAI(base_url=base_url, ...)`.
 """
 
 import contextlib
-import json
 import os
+import re
 import shlex
-import shutil
-import signal
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from training import llama_cpp
+from training import adapters as lora
+from training import llama_cpp, vllm_engine
 from training.errors import LoftError
+from training.lifecycle import die_with_parent
 
-HELP = "Serve a GGUF with llama-server (or a merged HF dir with vLLM) behind an OpenAI-compatible API."
+HELP = "Serve a GGUF with llama-server (or a merged HF dir with vLLM), adapters too, behind an OpenAI-compatible API."
 EXAMPLE = "loft serve merged_models/smollm2-shakespeare/gguf/smollm2-shakespeare-Q4_K_M.gguf --api-key sk-local --smoke"
 
 DEFAULT_HOST = "127.0.0.1"
@@ -67,22 +70,6 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def _pdeathsig_preexec():
-    """A preexec_fn that makes the child get SIGTERM when its parent dies (Linux), so a killed `loft` or test run
-    leaves no server behind. libc's prctl is looked up here, in the parent: the child only calls it.
-    Only for servers started from the main thread: the signal fires when the *thread* that started the child
-    exits, which would kill a server started from a short-lived worker thread."""
-    if threading.current_thread() is not threading.main_thread() or not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _health(url: str, timeout: float = 2.0) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -91,6 +78,28 @@ def _health(url: str, timeout: float = 2.0) -> int | None:
         return err.code
     except (urllib.error.URLError, OSError):
         return None
+
+
+def check_port(host: str, port: int | None) -> None:
+    if port is not None and port_in_use(host, port):
+        raise LoftError(f"port {port} is already in use on {host}; stop what runs there, or pick another (--port 0: any free port)")
+
+
+def temp_log(prefix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def serving(server: "Server", keep_log: bool):
+    """Yield the server's OpenAI base URL; stop it afterwards and drop its temp log unless asked to keep it."""
+    try:
+        yield server.base_url
+    finally:
+        server.stop()
+        if not keep_log:
+            server.log_path.unlink(missing_ok=True)
 
 
 class Server:
@@ -102,13 +111,14 @@ class Server:
         self.base_url = root_url + "/v1"  # the OpenAI base_url
         self.health_url = root_url + "/health"
         self.proc: subprocess.Popen | None = None
+        self.diagnose = None  # log text -> the one line that explains a failed start, or None
 
     def start(self) -> "Server":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the child deliberately
-            preexec_fn=_pdeathsig_preexec(),
+            preexec_fn=die_with_parent(),  # a killed `loft serve` (or test run) leaves no server behind
         )
         return self
 
@@ -121,6 +131,9 @@ class Server:
         while True:
             code = self.proc.poll()
             if code is not None:
+                why = self.diagnose(self.log_tail(200)) if self.diagnose else None
+                if why:
+                    raise LoftError(f"{why} (log: {self.log_path})")
                 print(self.log_tail(), file=sys.stderr)
                 raise LoftError(f"{self.name} exited with code {code} before it was ready (log: {self.log_path})")
             if _health(self.health_url) == 200 and self.proc.poll() is None:
@@ -138,6 +151,14 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc:
+            # The server's own children (vLLM's engine core and workers) share its session: none may outlive it.
+            deadline = time.monotonic() + 5
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                while time.monotonic() < deadline:  # until the killed ones are reaped (signal 0 only asks)
+                    os.killpg(self.proc.pid, 0)
+                    time.sleep(0.1)
         if getattr(self, "_log", None):
             self._log.close()
 
@@ -152,8 +173,11 @@ def llama_server_command(
     gpu_layers: int | None = None,
     threads: int | None = None,
     alias: str | None = None,
+    loras: list | None = None,
+    ui: Path | None = None,
 ) -> list[str]:
-    """The llama-server argv (the API key is not in it: it goes through the LLAMA_API_KEY variable)."""
+    """The llama-server argv (the API key is not in it: it goes through the LLAMA_API_KEY variable).
+    loras: GGUF LoRA files, loaded at scale 0, so a request answers as the base unless it names an adapter."""
     gguf_path = Path(gguf_path)
     server = "llama-server"
     cmd = [str(llama_cpp.binary(server)), "-m", str(gguf_path), "--alias", alias or gguf_path.stem]
@@ -165,7 +189,9 @@ def llama_server_command(
         cmd.append("--jinja")
     if llama_cpp.supports_flag(server, "-fa"):
         cmd += ["-fa", "auto"]
-    for flag in ("--no-webui", "--no-slots", "--metrics"):
+    if ui is not None:
+        cmd += ["--path", str(ui)]  # the chat page built from this tree (setup/build_llama_ui.sh)
+    for flag in ("--no-slots", "--metrics") if ui is not None else ("--no-webui", "--no-slots", "--metrics"):
         if llama_cpp.supports_flag(server, flag):
             cmd.append(flag)
     if gpu_layers is None and llama_cpp.has_gpu():
@@ -174,7 +200,26 @@ def llama_server_command(
         cmd += ["-ngl", str(gpu_layers)]
     if threads:
         cmd += ["--threads", str(threads)]
+    for path in loras or []:
+        # Scale 0, so a request answers as the base unless its "lora" field switches an adapter on. (With --lora
+        # and --lora-init-without-apply, this llama-server still applies the adapter to requests that name none.)
+        cmd += ["--lora-scaled", f"{path}:0"]
     return cmd
+
+
+# llama.cpp's own words for a GGUF it cannot read, most telling first (the loader's reason, then its summary).
+_LOAD_FAILURES = (r"gguf_init\w*: .*|error loading model.*", r"failed to load model.*")
+
+
+def gguf_load_failure(gguf_path: Path, log: str) -> str | None:
+    """The line from llama-server's log saying why the GGUF did not load, as a message with the fix."""
+    for pattern in _LOAD_FAILURES:
+        match = re.search(pattern, log)
+        if match:
+            return (f"llama-server could not load {gguf_path.name}: \"{match.group(0).strip()[:200]}\"; the file is "
+                    "damaged or cut short (an interrupted copy or export): export it again with `loft export "
+                    "MERGED_DIR` and serve the new .gguf")
+    return None
 
 
 def _check_gguf(gguf_path: Path) -> None:
@@ -196,6 +241,8 @@ def start_llama_server(
     threads: int | None = None,
     timeout: float = STARTUP_TIMEOUT,
     log_path=None,
+    loras: list | None = None,
+    ui: Path | None = None,
 ) -> Server:
     """Start llama-server and wait until /health answers 200. port=None picks a free one (retried if taken)."""
     gguf_path = Path(gguf_path).expanduser().resolve()
@@ -204,18 +251,14 @@ def start_llama_server(
     env.pop("LLAMA_API_KEY", None)
     if api_key:
         env["LLAMA_API_KEY"] = api_key
-    if log_path is None:
-        fd, name = tempfile.mkstemp(prefix="loft-llama-server-", suffix=".log")
-        os.close(fd)
-        log_path = Path(name)
-    log_path = Path(log_path)
-    if port is not None and port_in_use(host, port):
-        raise LoftError(f"port {port} is already in use on {host}; stop what runs there, or pick another (--port 0: any free port)")
+    log_path = Path(log_path) if log_path is not None else temp_log("loft-llama-server-")
+    check_port(host, port)
     attempts = 3 if port is None else 1
     for attempt in range(attempts):
         chosen = port if port is not None else free_port(host)
-        cmd = llama_server_command(gguf_path, host, chosen, ctx, parallel, gpu_layers, threads)
+        cmd = llama_server_command(gguf_path, host, chosen, ctx, parallel, gpu_layers, threads, loras=loras, ui=ui)
         server = Server(cmd, env, f"http://{_client_host(host)}:{chosen}", log_path, "llama-server")
+        server.diagnose = lambda log: gguf_load_failure(gguf_path, log)
         server.start()
         try:
             server.wait_ready(timeout)
@@ -242,53 +285,57 @@ def llama_server(
     threads: int | None = None,
     timeout: float = STARTUP_TIMEOUT,
     log_path=None,
+    loras: list | None = None,
+    ui: Path | None = None,
 ):
     """Run llama-server on a GGUF for the duration of a `with` block; yield the OpenAI base URL (…/v1).
 
     The native endpoints (/health, /tokenize, /apply-template) live at the URL without the /v1 suffix.
     The log goes to log_path (default: a temp file, deleted afterwards unless startup failed).
     """
-    keep_log = log_path is not None
-    server = start_llama_server(gguf_path, host, port, api_key, ctx, parallel, gpu_layers, threads, timeout, log_path)
-    try:
-        yield server.base_url
-    finally:
-        server.stop()
-        if not keep_log:
-            server.log_path.unlink(missing_ok=True)
+    server = start_llama_server(gguf_path, host, port, api_key, ctx, parallel, gpu_layers, threads, timeout, log_path,
+                                loras=loras, ui=ui)
+    with serving(server, keep_log=log_path is not None) as base_url:
+        yield base_url
 
 
 # ---------------------------------------------------------------- vLLM
-def config_dtype(model_dir: Path) -> str:
-    """vLLM --dtype from config.json (transformers 5 writes "dtype", older versions "torch_dtype")."""
-    conf = json.loads((model_dir / "config.json").read_text())
-    dtype = conf.get("dtype") or conf.get("torch_dtype") or (conf.get("text_config") or {}).get("dtype")
-    return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(str(dtype), "auto")
-
-
-def vllm_command(
+def start_vllm(
     model_dir,
     host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    ctx: int = DEFAULT_CTX,
+    port: int | None = None,
     api_key: str | None = None,
-) -> list[str]:
-    """The exact `vllm serve` argv for a merged HF directory."""
-    model_dir = Path(model_dir).expanduser().resolve()
-    if not (model_dir / "config.json").is_file():
-        raise LoftError(f"{model_dir} is not a Hugging Face model directory (no config.json); vLLM serves merged models")
-    conf = json.loads((model_dir / "config.json").read_text())
-    limit = conf.get("max_position_embeddings")
-    max_len = min(ctx, limit) if isinstance(limit, int) and limit > 0 else ctx
-    cmd = ["vllm", "serve", str(model_dir), "--served-model-name", model_dir.name]
-    cmd += ["--dtype", config_dtype(model_dir), "--max-model-len", str(max_len)]
-    template = model_dir / "chat_template.jinja"
-    if template.is_file():
-        cmd += ["--chat-template", str(template)]
-    cmd += ["--host", host, "--port", str(port)]
+    ctx: int = DEFAULT_CTX,
+    adapters: dict | None = None,
+    timeout: float = STARTUP_TIMEOUT,
+    log_path=None,
+) -> Server:
+    """Start vLLM on a merged HF directory (LoRA adapters {name: dir} on it, unmerged) and wait for /health."""
+    check_port(host, port)
+    port = port or free_port(host)
+    cmd, extra = vllm_engine.command(model_dir, host, port, ctx, adapters)
+    env = {**os.environ, **extra}
+    env.pop("VLLM_API_KEY", None)
     if api_key:
-        cmd += ["--api-key", api_key]
-    return cmd
+        env["VLLM_API_KEY"] = api_key
+    log_path = Path(log_path) if log_path is not None else temp_log("loft-vllm-")
+    server = Server(vllm_engine.runnable(cmd), env, f"http://{_client_host(host)}:{port}", log_path, "vllm")
+    server.start()
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir, port=None, api_key=None, ctx=DEFAULT_CTX, adapters=None, host=DEFAULT_HOST,
+                timeout=STARTUP_TIMEOUT, log_path=None):
+    """vLLM for the duration of a `with` block; yields the OpenAI base URL (…/v1), like llama_server()."""
+    server = start_vllm(model_dir, host, port, api_key, ctx, adapters, timeout, log_path)
+    with serving(server, keep_log=log_path is not None) as base_url:
+        yield base_url
 
 
 # ---------------------------------------------------------------- smoke test
@@ -318,6 +365,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, help="llama.cpp CPU threads (default: llama.cpp's choice)")
     parser.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT, help="seconds to wait for the server to be ready")
     parser.add_argument("--log", help="server log file (default: a file in the temp dir, printed at startup)")
+    parser.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                        help="serve a LoRA adapter folder beside the base, unmerged (repeat for several)")
+    parser.add_argument("--no-ui", action="store_true",
+                        help="llama.cpp: no chat web page (default: served at / when setup built it)")
     parser.add_argument("--smoke", action="store_true", help="send one chat completion, print answer and latency, stop")
     parser.add_argument("--dry-run", action="store_true", help="print the server command line and exit")
 
@@ -351,38 +402,43 @@ def _run(args) -> int:
               file=sys.stderr)
     port = args.port or (None if not args.dry_run else DEFAULT_PORT)
 
+    adapters = lora.parse(args.adapter)
+    loras, ui = [], None
     if engine == "vllm":
-        cmd = vllm_command(model, args.host, port or free_port(args.host), args.ctx, args.api_key)
+        for name, folder in adapters.items():
+            lora.check_matches(name, folder, model.resolve())
+        cmd, env = vllm_engine.command(model, args.host, port or free_port(args.host), args.ctx, adapters)
         if args.dry_run:
-            print(shlex.join(cmd))
+            shown = {**env, **({"VLLM_API_KEY": "***"} if args.api_key else {})}
+            print(" ".join(f"{k}={v}" for k, v in shown.items()) + " " + shlex.join(cmd))
             return 0
-        if shutil.which("vllm") is None:
-            raise LoftError("vLLM is not installed here (it needs a CUDA GPU: pip install vllm); "
-                            "use --dry-run to print the command, or serve a GGUF with --engine llama.cpp")
-        cmd[0] = shutil.which("vllm")
-        env = dict(os.environ)
-        root = f"http://{_client_host(args.host)}:{cmd[cmd.index('--port') + 1]}"
-        log = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="loft-vllm-", suffix=".log")[1])
-        server = Server(cmd, env, root, log, "vllm")
+        vllm_engine.runnable(cmd)  # a missing vLLM: one line, before anything starts
     else:
         _check_gguf(model.resolve())
+        loras = lora.for_llama_cpp(model.resolve(), adapters)
+        ui = None if args.no_ui else llama_cpp.ui_dir()
         if args.dry_run:
-            cmd = llama_server_command(model.resolve(), args.host, port, args.ctx, args.parallel, args.gpu_layers, args.threads)
+            cmd = llama_server_command(model.resolve(), args.host, port, args.ctx, args.parallel, args.gpu_layers,
+                                       args.threads, loras=loras, ui=ui)
             print(("LLAMA_API_KEY=*** " if args.api_key else "") + shlex.join(cmd))
             return 0
-        server = None
+    server = None
 
     clean = False
     try:
-        if server is None:
+        if engine == "vllm":
+            print(f"loft serve: starting vLLM on {model} (CPU: about a minute) ...", flush=True)
+            server = start_vllm(model, args.host, port, args.api_key, args.ctx, adapters, args.timeout, args.log)
+        else:
             print(f"loft serve: starting llama-server on {model.name} ...", flush=True)
             server = start_llama_server(model, args.host, port, args.api_key, args.ctx, args.parallel,
-                                        args.gpu_layers, args.threads, args.timeout, args.log)
-        else:
-            print(f"loft serve: starting vLLM on {model} ...", flush=True)
-            server.start()
-            server.wait_ready(args.timeout)
+                                        args.gpu_layers, args.threads, args.timeout, args.log, loras=loras, ui=ui)
         print(f"loft serve: ready at {server.base_url}  (OpenAI base_url; log: {server.log_path})", flush=True)
+        if engine == "llama.cpp" and ui is not None:
+            print(f"loft serve: chat page at {server.root_url}/", flush=True)
+        for i, name in enumerate(adapters):
+            how = f'model "{name}"' if engine == "vllm" else f'"lora": [{{"id": {i}, "scale": 1.0}}] in the request'
+            print(f"loft serve: adapter {name}: {how} (the base answers without it)", flush=True)
         if args.smoke:
             result = smoke(server.base_url, args.api_key)
             print(f"loft serve: smoke: {result['answer']!r}  ({result['latency_s']:.2f}s, model {result['model']})")

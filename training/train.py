@@ -1,12 +1,13 @@
 """`loft train RECIPE`: doctor the recipe, resolve it into runs/<name>/, hand it to Axolotl with the guard.
 
-Training is Axolotl's (`accelerate launch -m axolotl.cli.train`); this verb only adds the run folder,
-overrides that fail loudly on unknown keys, the private environment, and the launch itself (training/launcher.py:
-one process, or --gpus N / --nodes M through accelerate, with all CPU threads shared between the ranks).
+Training is Axolotl's (`accelerate launch -m axolotl.cli.train`, run by training/axolotl.py); this verb only adds
+the run folder, overrides that fail loudly on unknown keys, the private environment, --resume, and the topology
+(training/launcher.py: one process, or --gpus N / --nodes M through accelerate).
 """
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from training import recipe as recipes
@@ -22,13 +23,21 @@ CPU_RANKS = "training.cpu_ranks.CPURanksPlugin"
 
 
 def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None, check: bool = True,
-          topo: Topology | None = None, print_only: bool = False) -> Path:
+          resume: bool = False, topo: Topology | None = None, print_only: bool = False) -> Path:
     """Doctor, then train with the health guard; return the run folder (adapter in run_dir/adapter).
+
+    resume: continue from the newest runs/<name>/adapter/checkpoint-* (Axolotl's auto_resume_from_checkpoints),
+    e.g. after a kill or a crash; train.log is appended to.
     print_only: write the resolved recipe and print the launch command instead (e.g. to check a multi-node line)."""
     topo = topo or Topology()
     topo.check()
     note = None if print_only else check_devices(topo)
-    run_dir, cfg = recipes.resolve(recipe, name, overrides or [])
+    overrides = [*(overrides or []), *(["auto_resume_from_checkpoints=true"] if resume else [])]
+    run_dir, cfg = recipes.resolve(recipe, name, overrides)
+    run = RunDir(run_dir)
+    if resume and not list(run.adapter.glob("checkpoint-*")):
+        print(f"loft train: --resume: no checkpoint in {run.adapter} yet (the run saved none before it "
+              "stopped); starting from step 0", file=sys.stderr)
     if GUARD not in (cfg.get("plugins") or []):
         cfg["plugins"] = [*(cfg.get("plugins") or []), GUARD]
     if note:  # ranks without a GPU: their models go to the CPU (training/cpu_ranks.py)
@@ -48,8 +57,7 @@ def train(recipe: Path, name: str | None = None, overrides: list[str] | None = N
     print(f"loft train: {recipe} -> {run_dir}" + (f" on {topo.world} processes" if topo.world > 1 else ""))
     if note:
         print(f"loft train: {note}")
-    run = RunDir(run_dir)
-    launch(resolved, run.train_log, topo)
+    launch(resolved, run.train_log, resume=resume, topo=topo)
     health = run.health
     if health.exists():
         status = json.loads(health.read_text())
@@ -79,9 +87,13 @@ def add_arguments(parser) -> None:
                         help=f"its rendezvous port (default {DEFAULT_PORT} across hosts, a free one on one host)")
     parser.add_argument("--print-command", action="store_true",
                         help="write runs/<name>/recipe.yaml and print the launch command instead of training")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run --name (or the default name) from its newest saved checkpoint "
+                             "(after a kill or crash); train.log is appended to")
 
 
 def run(args) -> int:
     topo = Topology(args.gpus, args.nodes, args.node_rank, args.master_addr, args.master_port)
-    train(args.recipe, args.name, args.overrides, check=not args.no_check, topo=topo, print_only=args.print_command)
+    train(args.recipe, args.name, args.overrides, check=not args.no_check, resume=args.resume, topo=topo,
+          print_only=args.print_command)
     return 0
