@@ -659,6 +659,8 @@ DEMO_CASES = {
     "negative steps": (["--steps", "-5"], r"--steps must be at least 1"),
     "name with a slash": (["--name", "a/b"], r"run name 'a/b' must be a plain folder name"),
     "name ..": (["--name", ".."], r"run name '..' must be a plain folder name"),
+    "name .": (["--name", "."], r"run name '.' must be a plain folder name"),
+    "name with a backslash": (["--name", "a\\b"], r"run name 'a\\\\b' must be a plain folder name"),
     "empty name": (["--name", ""], r"run name '' must be a plain folder name"),
     "name with spaces around": (["--name", " demo "], r"run name ' demo ' must be a plain folder name"),
     "llama.cpp not built": (["--name", "x"], r"llama.cpp is not built in .*; run `make setup`"),
