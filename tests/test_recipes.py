@@ -9,7 +9,8 @@
     wandb switch shown, no empty keys, no pre-quantized base, and every coverage sum agrees with the keys.
   * train (one run per family × method): 2 optimizer steps of real Axolotl training on CPU, on a tiny random
     model of the recipe's architecture with the embedded SmolLM2 tokenizer, through training.recipe
-    (overrides, resolved YAML) and training.axolotl.launch (the `loft train` launcher). Besides size
+    (overrides, resolved YAML) and Axolotl's train command, all runs in one process so that Axolotl's imports
+    are paid once (tests/axolotl_runs.py; `loft train`'s launcher is run by the tests it names). Besides size
     (sequence_len 128, max_steps 2, micro-batch 2 × accum 1, a 16-row chat fixture, no eval set, no worker
     processes), only what a CPU cannot run is swapped: the Liger plugin and Axolotl's fused LoRA kernels
     (Triton GPU kernels), bf16/tf32 (fp32 on CPU). bitsandbytes 0.50 runs on CPU, so QLoRA trains as nf4 +
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
+import axolotl_runs
 from training import recipe as recipes
-from training.axolotl import launch
 from training.model import ensure_default_model
 from training.paths import REPO, apply_private_env
 
@@ -196,6 +197,26 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+LOFT_DPO = "loft-dpo-trainer"  # the 12 GB DPO recipe once more, with trainer_cls set to Loft's DPO trainer
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_models, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """Every TRAINED recipe and the LoftDPOTrainer run, 2 steps each, in one Axolotl process: name -> (config,
+    run folder with adapter/ and train.log)."""
+    root = tmp_path_factory.mktemp("trained")
+    jobs = {name: (RECIPES_DIR / name, []) for name in sorted(TRAINED)}
+    jobs[LOFT_DPO] = (RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml", ["trainer_cls=training.dpo.LoftDPOTrainer"])
+    out, runs = {}, []
+    for i, (name, (path, extra)) in enumerate(jobs.items()):
+        run_dir = root / f"run{i}"
+        cfg = recipes.apply_overrides(cpu_config(path, tiny_models, run_dir), extra)
+        runs.append((recipes.write(cfg, run_dir, path), run_dir / "train.log"))
+        out[name] = (cfg, run_dir)
+    (root / "runner.log").write_text(axolotl_runs.train_all(runs, root))
+    return out
+
+
 @pytest.fixture
 def restore_environ():
     """load_cfg exports optimizer/wandb variables into os.environ; keep them out of later tests."""
@@ -358,14 +379,8 @@ def test_same_run_differs_only_in_schedule(name, tiny_models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRAINED), ids=sorted(TRAINED))
-def test_two_steps_on_cpu(name, tiny_models, tmp_path):
-    path = RECIPES_DIR / name
-    run_dir = tmp_path / "run"
-    cfg = cpu_config(path, tiny_models, run_dir)
-    resolved = recipes.write(cfg, run_dir, path)
-
-    launch(resolved, run_dir / "train.log")
-
+def test_two_steps_on_cpu(name, trained):
+    cfg, run_dir = trained[name]
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists(), f"no adapter written; see {run_dir / 'train.log'}"
     written = json.loads((adapter / "adapter_config.json").read_text())
@@ -420,13 +435,10 @@ def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
 
 
 @pytest.mark.slow
-def test_loft_dpo_trainer_trains_the_dpo_recipe(tiny_models, tmp_path):
+def test_loft_dpo_trainer_trains_the_dpo_recipe(trained):
     """`trainer_cls: training.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU through Axolotl,
     rewards logged, the chunked log-probs in use (tests/test_dpo.py checks them against TRL's)."""
-    path = RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml"
-    run_dir = tmp_path / "run"
-    cfg = recipes.apply_overrides(cpu_config(path, tiny_models, run_dir), ["trainer_cls=training.dpo.LoftDPOTrainer"])
-    launch(recipes.write(cfg, run_dir, path), run_dir / "train.log")
+    _, run_dir = trained[LOFT_DPO]
     logged = scalars(run_dir)
     assert [step for step, _ in logged.get("train/loss", [])][-1:] == [2], f"see {run_dir / 'train.log'}"
     assert logged.get("train/rewards/margins")
