@@ -4,8 +4,7 @@ Every run trains a tiny random Llama (hidden 64, 2 layers, the embedded SmolLM2 
 chat rows for up to 60 steps with `plugins: [training.guard.HealthGuardPlugin]`. A not-learning run must be
 stopped within the first tenth of its steps (by step 6). The clean run goes through the plain
 `accelerate launch -m axolotl.cli.train` launcher (what a user runs without Loft); the others run one after
-another in a single Python process (axolotl.cli.train.do_cli, the function that launcher calls) to pay for
-Axolotl's imports once.
+another in a single Python process (tests/axolotl_runs.py) to pay for Axolotl's imports once.
 
   clean     full fine-tune, lr 1e-2, 20 steps                         → status ok, loss falls, no alarm
   nan       a checkpoint whose fp16 copy overflowed (|w| > 65504 → inf)  → G001 non-finite, step 1
@@ -16,32 +15,20 @@ Axolotl's imports once.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
+import axolotl_runs
 from training.model import ensure_default_model
-from training.paths import REPO, apply_private_env
+from training.paths import apply_private_env
 
 apply_private_env()
 
 MAX_STEPS = 60
-RUNNER = '''
-import sys
-if __name__ == "__main__":  # datasets may spawn workers that re-import this file
-    from axolotl.cli.train import do_cli
-    for config in sys.argv[1:]:
-        try:
-            do_cli(config=config)
-        except Exception as err:
-            print(f"RUN FAILED {config}: {err!r}", flush=True)
-'''
 
 
 def build_tiny(out: Path, overflow: bool = False) -> Path:
@@ -111,20 +98,15 @@ def runs(tmp_path_factory) -> dict[str, dict]:
                                         "path": str(work / "train8.jsonl")}],
                dataset_prepared_path=str(work / "prepared-overfit")),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
-    (work / "runner.py").write_text(RUNNER)
-    proc = subprocess.run([sys.executable, str(work / "runner.py"), *map(str, configs)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    (work / "runner.log").write_text(proc.stdout + proc.stderr)
+    (work / "runner.log").write_text(axolotl_runs.train_all([(c, c.with_suffix(".log")) for c in configs], work))
     clean = recipe(work, "clean", tiny, work, adapter=None, max_steps=20)
     launch(clean, work / "clean.log")  # accelerate launch -m axolotl.cli.train, as a user would
 
     out = {}
     for name in ("clean", "nan", "gradzero", "starved", "plateau", "overfit"):
-        health = work / name / "health.json"
-        assert health.exists(), f"{name}: no health.json; see {work / 'runner.log'}\n{proc.stdout[-3000:]}"
-        out[name] = {**json.loads(health.read_text()), "log": (work / "runner.log").read_text()}
-    out["clean"]["log"] = (work / "clean.log").read_text()
+        health, log = work / name / "health.json", work / f"{name}.log"
+        assert health.exists(), f"{name}: no health.json; see {log}\n{log.read_text(errors='replace')[-3000:]}"
+        out[name] = {**json.loads(health.read_text()), "log": log.read_text(errors="replace")}
     return out
 
 
