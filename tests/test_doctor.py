@@ -145,7 +145,7 @@ def test_unloadable_plugin(tmp_path, data):
 def test_guard_keys_need_the_guard_plugin(tmp_path, data):
     keys = {"loft_guard_grad_zero_steps": 5}
     assert "LOFT-E002" in findings(make(tmp_path, data, plugins=DROP, **keys), data=False)
-    with_plugin = make(tmp_path, data, plugins=["training.guard.HealthGuardPlugin"], **keys)
+    with_plugin = make(tmp_path, data, plugins=["training.plugins.guard.HealthGuardPlugin"], **keys)
     assert findings(with_plugin, data=False) == {}
 
 
@@ -393,14 +393,15 @@ def test_verdicts_and_the_cheapest_change_that_fits(tmp_path, data):
 
 def test_dpo_at_2048_on_12gb_needs_loft_dpo_trainer(tmp_path, data):
     """TRL's full-vocabulary logits (policy and reference) do not fit 12 GB at 2,048 tokens; the chunked LM head of
-    training/dpo.py does (measured: 7.51 GiB training peak on the H100 at an 11 GiB cap, benchmarks/RESULTS.md)."""
+    training/plugins/dpo.py does (measured: 7.51 GiB training peak on the H100 at an 11 GiB cap,
+    benchmarks/RESULTS.md)."""
     dpo = dict(base_model=QWEN7, adapter="qlora", load_in_4bit=True, bf16=True, optimizer="paged_adamw_8bit",
                rl="dpo", sequence_len=2048, micro_batch_size=1, gradient_checkpointing=True,
                embeddings_skip_upcast=True)
     report = doctor.diagnose(make(tmp_path, data, **dpo), "rtx5070-12gb", data=False)
     assert report.memory["verdict"] == "does not fit"
-    assert report.memory["cheapest_fit"]["overrides"] == {"trainer_cls": "training.dpo.LoftDPOTrainer"}
-    chunked = memory.estimate_recipe({**dpo, "trainer_cls": "training.dpo.LoftDPOTrainer"})
+    assert report.memory["cheapest_fit"]["overrides"] == {"trainer_cls": "training.plugins.dpo.LoftDPOTrainer"}
+    chunked = memory.estimate_recipe({**dpo, "trainer_cls": "training.plugins.dpo.LoftDPOTrainer"})
     assert chunked.allocated < 0.6 * report.memory["allocated_gib"]
 
 
@@ -448,7 +449,7 @@ def test_measure_recipe_is_one_axolotl_accepts(tmp_path):
     for name in ("qwen2.5-7b/qlora-sft-8gb.yaml", "qwen2.5-7b/dpo-qlora-12gb.yaml", "llama-3.1-8b/lora-bf16-80gb.yaml"):
         cfg = recipes.load(REPO / "recipes" / name)
         run = measurement_recipe(cfg, tmp_path / "model", tmp_path, steps=3)
-        assert run["max_steps"] == 3 and "training.guard.HealthGuardPlugin" in run["plugins"]
+        assert run["max_steps"] == 3 and "training.plugins.guard.HealthGuardPlugin" in run["plugins"]
         assert run["datasets"][0]["path"] != cfg["datasets"][0]["path"]
         path = tmp_path / "measure.yaml"
         path.write_text(yaml.safe_dump(run))

@@ -1,7 +1,7 @@
 """Health guard: real Axolotl training runs that go wrong the way real runs do, each stopped with a diagnosis.
 
 Every run trains a tiny random Llama (hidden 64, 2 layers, the embedded SmolLM2 tokenizer) on real Shakespeare
-chat rows for up to 60 steps with `plugins: [training.guard.HealthGuardPlugin]`. A not-learning run must be
+chat rows for up to 60 steps with `plugins: [training.plugins.guard.HealthGuardPlugin]`. A not-learning run must be
 stopped within the first tenth of its steps (by step 6). The clean run goes through the plain
 `accelerate launch -m axolotl.cli.train` launcher (what a user runs without Loft); the others run one after
 another in a single Python process (axolotl.cli.train.do_cli, the function that launcher calls) to pay for
@@ -77,7 +77,7 @@ def recipe(work: Path, name: str, base: Path, data: Path, **changes) -> Path:
         "learning_rate": 0.01, "lr_scheduler": "cosine", "warmup_steps": 3, "max_grad_norm": 1.0,
         "optimizer": "adamw_torch", "bf16": False, "fp16": False, "tf32": False, "seed": 42,
         "output_dir": str(work / name), "logging_steps": 1, "save_strategy": "no",
-        "plugins": ["training.guard.HealthGuardPlugin"],
+        "plugins": ["training.plugins.guard.HealthGuardPlugin"],
     }
     if changes.pop("eval", False):
         cfg["test_datasets"] = [{"path": str(data / "eval8.jsonl"), "split": "train", **chat}]
@@ -175,7 +175,7 @@ def test_overfitting_stops_and_names_the_best_step(runs):
 
 # ---------------------------------------------------------------- the callback alone (no training)
 def feed(losses, lr=1e-3, warmup=4, max_steps=40, **settings):
-    from training.guard import HealthGuardCallback
+    from training.plugins.guard import HealthGuardCallback
 
     cb = HealthGuardCallback(settings, lr, "/nonexistent")
     cb.max_steps, cb.warmup_steps = max_steps, warmup
@@ -209,7 +209,7 @@ def test_peak_memory_survives_axolotl_resets(monkeypatch):
     (on the GPU host every --measure once read 5.42 GiB: the peak since Axolotl's last reset). Fake counters."""
     import torch
 
-    from training.guard import HealthGuardCallback
+    from training.plugins.guard import HealthGuardCallback
 
     counters = {"alloc": 3 * 2**30, "res": 4 * 2**30}
 

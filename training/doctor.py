@@ -116,7 +116,8 @@ def plugin_fields(cfg: dict, report: Report) -> set[str]:
         return set()
     if not isinstance(plugins, list) or not all(isinstance(p, str) and "." in p for p in plugins):
         report.add("LOFT-E005", "error", f"plugins must be a list of import paths, got {plugins!r}",
-                   "plugins: [axolotl.integrations.liger.LigerPlugin, training.guard.HealthGuardPlugin]", key="plugins")
+                   "plugins: [axolotl.integrations.liger.LigerPlugin, training.plugins.guard.HealthGuardPlugin]",
+                   key="plugins")
         cfg.pop("plugins")
         return set()
     fields, good = set(), []
@@ -127,7 +128,7 @@ def plugin_fields(cfg: dict, report: Report) -> set[str]:
         except LoftError as err:
             report.add("LOFT-E005", "error", str(err).split("; check")[0],
                        "check the import path (module.Class) and that its package is installed; Loft's own are "
-                       "training.guard.HealthGuardPlugin", key="plugins")
+                       "training.plugins.guard.HealthGuardPlugin", key="plugins")
     cfg["plugins"] = good
     return fields
 

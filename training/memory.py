@@ -49,7 +49,7 @@ FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy 
 # hidden_states: the checkpointed inputs themselves (recomputation kept; +4.5/+5.0% at 20K/24K); legacy (synchronous)
 # offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B QLoRA, long rows in 12 GiB.
 OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
-DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.dpo (which imports it from here)
+DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.plugins.dpo (which imports it from here)
 CHUNK_BUFFERS = 3  # fitted (2 DPO runs): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
 
@@ -83,7 +83,7 @@ class Setup:
     reference: bool = False  # DPO/IPO compare with a reference model
     separate_reference: bool = False  # DPO/IPO without an adapter loads the model twice
     precompute_ref: bool = False  # reference log-probs computed once before training
-    chunked_logps: bool = False  # training.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
+    chunked_logps: bool = False  # training.plugins.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
     upcast_embeddings: bool = False  # k-bit loading casts embeddings/lm_head to fp32 (then back): a loading peak
     plugins: list[str] = field(default_factory=list)
     parallel: str = "none"  # "ddp" | "zero1" | "zero2" | "zero3" | "fsdp1" | "fsdp2" (training/parallel.py reads it)
@@ -322,7 +322,7 @@ def remedies(cfg: dict) -> list[tuple[str, dict]]:
         out.append(("enable gradient checkpointing (~20% slower)", {"gradient_checkpointing": True}))
     if s.reference and not s.chunked_logps:
         out.append(("Loft's DPO trainer: LM head in chunks over completion tokens, no full logits",
-                    {"trainer_cls": "training.dpo.LoftDPOTrainer"}))
+                    {"trainer_cls": "training.plugins.dpo.LoftDPOTrainer"}))
     if s.upcast_embeddings and s.quant == "4bit":
         out.append(("keep the embeddings in bf16 while loading", {"embeddings_skip_upcast": True}))
     if not s.fused_ce and not s.rl:

@@ -4,7 +4,7 @@ A recipe enables it by listing it (Axolotl imports plugins by path, so it works 
 `accelerate launch -m axolotl.cli.train recipe.yaml` run from the repo root):
 
     plugins:
-      - training.guard.HealthGuardPlugin
+      - training.plugins.guard.HealthGuardPlugin
 
 It watches every log line the Trainer emits and stops the run (`control.should_training_stop`) on:
 
@@ -261,10 +261,10 @@ class HealthGuardCallback(TrainerCallback):
 
 
 class HealthGuardPlugin(BasePlugin):
-    """`plugins: [training.guard.HealthGuardPlugin]` in a recipe."""
+    """`plugins: [training.plugins.guard.HealthGuardPlugin]` in a recipe."""
 
     def get_input_args(self) -> str:
-        return "training.guard.HealthGuardArgs"
+        return "training.plugins.guard.HealthGuardArgs"
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         settings = {k: cfg.get(k) for k in DEFAULTS}

@@ -1,4 +1,4 @@
-"""Loft's DPO trainer, for `trainer_cls: training.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
+"""Loft's DPO trainer, for `trainer_cls: training.plugins.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
 plain `accelerate launch -m axolotl.cli.train`). Two changes to Axolotl 0.19's AxolotlDPOTrainer:
 
 1. No `gc.collect()` + `torch.cuda.empty_cache()` after every micro-batch (AxolotlDPOTrainer.training_step,
