@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from training.arch import Arch, find_arch
 from training.parallel import option, per_gpu, strategy
 from training.paths import REPO
+from training.plugins.peak import process_peak
 from training.recipe import RecipeFacts
 
 GIB = 1024**3
@@ -371,7 +372,8 @@ _QLORA = {"adapter": "qlora", "load_in_4bit": True, "bf16": True, "lora_r": 16, 
           "micro_batch_size": 1, "gradient_accumulation_steps": 8, "sample_packing": True}
 _LIGER = {"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True,
           "liger_rms_norm": True, "liger_glu_activation": True, "liger_rope": True}
-# (label, recipe, measured peak allocated GiB, what the estimator leaves out)
+# (label, recipe, measured peak allocated GiB, what the estimator leaves out); the peaks are training's alone
+# (Axolotl's per-step memory log, TRL's scripts), not the whole process's
 CALIBRATION = [
     ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing", {"base_model": QWEN7, **_QLORA, "sequence_len": 1024}, 7.52, ""),
     ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing + Liger", {"base_model": QWEN7, **_QLORA, **_LIGER, "sequence_len": 1024}, 6.11, ""),
@@ -402,34 +404,34 @@ SPEED_RUNS = {"t1-qwen7b-qlora-cap12-peak", "t2-llama8b-lora-bf16-nogc", "t4-lla
               "t4-llama8b-long-vs-baseline-10240", "t1-qwen7b-qlora-12gb-vs-baseline"}
 
 
-def calibration_points() -> list[tuple[str, str, dict, float, str]]:
-    """(run, source, recipe config, measured peak allocated GiB, caveat): the shared H100 points above, every
-    `loft doctor --measure` run and every recipe run of `loft bench speed` committed in benchmarks/results/."""
+def calibration_points() -> list[tuple[str, str, dict, float, bool, str]]:
+    """(run, source, recipe config, measured peak allocated GiB, whether that peak is the whole process's, caveat):
+    the shared H100 points above (training's peak), and the probe's whole-process peak (training/plugins/peak.py) of
+    every `loft doctor --measure` run and every recipe run of `loft bench speed` committed in benchmarks/results/."""
     from training import recipe as recipes
 
-    points = [(label, "shared/gpu-host README", cfg, measured, caveat) for label, cfg, measured, caveat in CALIBRATION]
+    points = [(label, "shared/gpu-host README", cfg, measured, False, caveat)
+              for label, cfg, measured, caveat in CALIBRATION]
     for path in sorted(RESULTS.glob("measure-*.json")):
         for run in json.loads(path.read_text())["runs"]:
             points.append((run["name"], f"--measure, {path.name}", run["config"],
-                           round(run["measured"]["peak_allocated_gib"], 2), ""))
+                           round(process_peak(run["measured"]), 2), True, ""))
     for path in sorted(RESULTS.glob("speed-*.json")):
         for name, run in json.loads(path.read_text())["runs"].items():
             loft = run["runners"].get("loft") or {}
             if (name.startswith("recipe-") or name in SPEED_RUNS) and loft.get("status") == "ok":
                 cfg = recipes.apply_overrides(recipes.load(REPO / run["recipe"]), run["overrides"])
-                points.append((name, f"bench speed, {path.name}", cfg, loft["peak_allocated_gib"], ""))
+                points.append((name, f"bench speed, {path.name}", cfg, process_peak(loft), True, ""))
     return points
 
 
 def calibration_table() -> list[dict]:
     rows = []
-    for label, source, cfg, measured, caveat in calibration_points():
+    for label, source, cfg, measured, whole_process, caveat in calibration_points():
         s = Setup.from_recipe(cfg)
         s.separate_reference = s.separate_reference or cfg.get("_separate_reference", False)  # TRL only
         est = estimate(find_arch(cfg["base_model"]), s)
-        # `loft bench speed` keeps the whole process's peak (loading included); Axolotl's logs and --measure
-        # report training's
-        value = est.allocated if source.startswith("bench speed") else est.training
+        value = est.allocated if whole_process else est.training
         rows.append({"run": label, "source": source, "estimate_gib": round(value, 2), "measured_gib": measured,
                      "error_pct": round(100 * (value - measured) / measured, 1), "caveat": caveat})
     return rows
