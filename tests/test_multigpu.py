@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import memory
+from training.checks import memory
 from training.errors import LoftError
 from training.launcher import Topology, check_devices, command
 from training.paths import REPO, apply_private_env

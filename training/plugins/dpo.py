@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from training.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES  # fp32 logits of one chunk (the estimator's too)
+from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES  # fp32 logits of one chunk (the estimator's too)
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 
 

@@ -67,7 +67,7 @@ def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> di
 def measure(recipe_path: Path, report, steps: int = 4) -> dict:
     from training import recipe as recipes
     from training.arch import find_arch
-    from training.memory import CUDA_CONTEXT_GIB, estimate_recipe
+    from training.checks.memory import CUDA_CONTEXT_GIB, estimate_recipe
 
     cfg = recipes.load(recipe_path)
     arch = find_arch(cfg.get("base_model"))
