@@ -176,8 +176,9 @@ def callback_from_env(runner: str = "loft") -> SpeedCallback:
 
 
 def measure(args, runner: str, build_trainer, meta: dict) -> int:
-    """A runner's whole measurement: peaks over the process (the shared probe), the memory cap, the callback, and an out-of-memory
-    error recorded as "does not fit" (any other error propagates: the harness reports it with the log)."""
+    """A runner's whole measurement: peaks over the process (the shared probe), the memory cap, the callback, and
+    an out-of-memory error recorded as "does not fit" (any other error propagates: the harness reports it with the
+    log)."""
     PROBE.watch()
     apply_cap(args.cap_gib)
     callback = SpeedCallback(args.out, runner, args.pad_id, cap_gib=args.cap_gib, profile_step=args.profile_step,

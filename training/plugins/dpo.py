@@ -30,7 +30,9 @@ from torch.utils.checkpoint import checkpoint
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES  # fp32 logits of one chunk (the estimator's too)
+# fp32 logits of one chunk: the memory estimator counts the same size
+from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES
+
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 
 
