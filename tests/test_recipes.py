@@ -206,7 +206,8 @@ def trained(tiny_models, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     run folder with adapter/ and train.log)."""
     root = tmp_path_factory.mktemp("trained")
     jobs = {name: (RECIPES_DIR / name, []) for name in sorted(TRAINED)}
-    jobs[LOFT_DPO] = (RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml", ["trainer_cls=training.dpo.LoftDPOTrainer"])
+    jobs[LOFT_DPO] = (RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml",
+                      ["trainer_cls=training.plugins.dpo.LoftDPOTrainer"])
     out, runs = {}, []
     for i, (name, (path, extra)) in enumerate(jobs.items()):
         run_dir = root / f"run{i}"
@@ -420,7 +421,7 @@ def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
     to the next class's step. If Axolotl drops that cleanup upstream, the second assert says so."""
     from axolotl.core.trainers.dpo import trainer as axolotl_dpo
 
-    from training.dpo import LoftDPOTrainer
+    from training.plugins.dpo import LoftDPOTrainer
 
     calls = []
     monkeypatch.setattr(axolotl_dpo.gc, "collect", lambda *a: calls.append("gc.collect"))
@@ -436,7 +437,7 @@ def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
 
 @pytest.mark.slow
 def test_loft_dpo_trainer_trains_the_dpo_recipe(trained):
-    """`trainer_cls: training.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU through Axolotl,
+    """`trainer_cls: training.plugins.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU through Axolotl,
     rewards logged, the chunked log-probs in use (tests/test_dpo.py checks them against TRL's)."""
     _, run_dir = trained[LOFT_DPO]
     logged = scalars(run_dir)
@@ -444,4 +445,4 @@ def test_loft_dpo_trainer_trains_the_dpo_recipe(trained):
     assert logged.get("train/rewards/margins")
     log = (run_dir / "train.log").read_text(errors="replace")
     assert "loft: LoftDPOTrainer" in log, "trainer_cls not used"
-    assert "LM head in chunks of" in log, "the chunked log-probs (training/dpo.py) fell back to TRL's"
+    assert "LM head in chunks of" in log, "the chunked log-probs (training/plugins/dpo.py) fell back to TRL's"
