@@ -12,20 +12,18 @@ spinning threads starve each other. Measured on the 2-core dev box next to a tra
 answer 3.6 s -> 0.3 s, perplexity pass 23 s -> 8 s.
 """
 
-import contextlib
 import functools
 import os
 import re
 import shutil
 import subprocess
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from training.errors import LoftError
 from training.lifecycle import die_with_parent
 from training.paths import REPO, cache_dir
+from training.process import tail
 
 BUILD_SCRIPT = REPO / "setup" / "build_llama_cpp.sh"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity", "llama-tokenize")
@@ -126,19 +124,6 @@ def has_gpu() -> bool:
     return proc.returncode == 0 and "GPU" in proc.stdout
 
 
-def tail(text_or_path, lines: int = 20) -> str:
-    """The last lines of a log (a string or a file path), for error messages."""
-    if isinstance(text_or_path, Path):
-        try:
-            text = text_or_path.read_text(errors="replace")
-        except OSError:
-            return ""
-    else:
-        text = text_or_path or ""
-    text = text.replace("\r", "\n")
-    return "\n".join([l for l in text.splitlines() if l.strip()][-lines:])
-
-
 _PROGRESS = re.compile(r"\d+%\||\[\d+/\d+\]|^Writing:|\d+(\.\d+)?[kMG]?(/s|B/s|it/s)\]?$")
 _FAILURE = re.compile(r"(Error|Exception|error|failed|FAILED|cannot|unable|No space|Killed)")
 
@@ -152,25 +137,48 @@ def reason(output, code: int) -> str:
     return lines[-1][:300] if lines else f"exit code {code}"
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def server_command(
+    gguf_path,
+    host: str,
+    port: int,
+    ctx: int,
+    parallel: int,
+    gpu_layers: int | None = None,
+    threads: int | None = None,
+    alias: str | None = None,
+    loras: list | None = None,
+    ui: Path | None = None,
+) -> list[str]:
+    """The llama-server argv for `loft serve` (the API key is not in it: it goes through the LLAMA_API_KEY variable).
+    loras: GGUF LoRA files, loaded at scale 0, so a request answers as the base unless it names an adapter."""
+    gguf_path = Path(gguf_path)
+    server = "llama-server"
+    cmd = [str(binary(server)), "-m", str(gguf_path), "--alias", alias or gguf_path.stem]
+    cmd += ["--host", host, "--port", str(port)]
+    cmd += ["-c", str(ctx * parallel), "--parallel", str(parallel)]  # ctx is split across slots
+    if supports_flag(server, "-cb"):
+        cmd.append("-cb")
+    if supports_flag(server, "--jinja"):
+        cmd.append("--jinja")
+    if supports_flag(server, "-fa"):
+        cmd += ["-fa", "auto"]
+    if ui is not None:
+        cmd += ["--path", str(ui)]  # the chat page built from this tree (setup/build_llama_ui.sh)
+    for flag in ("--no-slots", "--metrics") if ui is not None else ("--no-webui", "--no-slots", "--metrics"):
+        if supports_flag(server, flag):
+            cmd.append(flag)
+    if gpu_layers is None and has_gpu():
+        gpu_layers = 999
+    if gpu_layers is not None:
+        cmd += ["-ngl", str(gpu_layers)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    for path in loras or []:
+        # Scale 0, so a request answers as the base unless its "lora" field switches an adapter on. (With --lora
+        # and --lora-init-without-apply, this llama-server still applies the adapter to requests that name none.)
+        cmd += ["--lora-scaled", f"{path}:0"]
+    return cmd
 
-
-@contextlib.contextmanager
-def signals_as_keyboard_interrupt():
-    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt, so cleanup code runs for both
-    (even when SIGINT was ignored at startup, as for `cmd &` in a script). No-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, _raise_interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def convert_hf_to_gguf(
