@@ -1,7 +1,7 @@
 """Helpers around the cached llama.cpp build (setup/build_llama_cpp.sh): find it, run its tools.
 
 The build lives in $LOFT_CACHE/llama.cpp/<pin>/ (see training/paths.py); the pin is the one in
-setup/build_llama_cpp.sh (LLAMA_CPP_PYTHON_VERSION overrides it, as it does for the script).
+setup/llama_cpp_source.sh (LLAMA_CPP_PYTHON_VERSION overrides it, as it does for the build scripts).
 
 convert_hf_to_gguf.py always runs with the venv's python and PYTHONPATH=<src>/gguf-py, so it imports the
 gguf-py it was written against, never the (possibly different) `gguf` wheel installed in the venv.
@@ -25,7 +25,7 @@ from training.lifecycle import die_with_parent
 from training.paths import REPO, cache_dir
 from training.process import tail
 
-BUILD_SCRIPT = REPO / "setup" / "build_llama_cpp.sh"
+PIN_SCRIPT = REPO / "setup" / "llama_cpp_source.sh"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity", "llama-tokenize")
 SETUP_HINT = "run `make setup` (or `bash setup/build_llama_cpp.sh`)"
 
@@ -35,12 +35,12 @@ def pinned_version() -> str:
     if os.environ.get("LLAMA_CPP_PYTHON_VERSION"):
         return os.environ["LLAMA_CPP_PYTHON_VERSION"]
     try:
-        text = BUILD_SCRIPT.read_text()
+        text = PIN_SCRIPT.read_text()
     except OSError:
-        raise LoftError(f"{BUILD_SCRIPT} is missing; it pins the llama.cpp version (restore it from git)") from None
+        raise LoftError(f"{PIN_SCRIPT} is missing; it pins the llama.cpp version (restore it from git)") from None
     match = re.search(r'LLAMA_CPP_PYTHON_VERSION="\$\{LLAMA_CPP_PYTHON_VERSION:-([^}"]+)\}"', text)
     if not match:
-        raise LoftError(f"cannot find the llama.cpp pin (LLAMA_CPP_PYTHON_VERSION) in {BUILD_SCRIPT}")
+        raise LoftError(f"cannot find the llama.cpp pin (LLAMA_CPP_PYTHON_VERSION) in {PIN_SCRIPT}")
     return match.group(1)
 
 

@@ -108,27 +108,14 @@ def start_llama_server(
 
 
 @contextlib.contextmanager
-def llama_server(
-    gguf_path,
-    port: int | None = None,
-    api_key: str | None = None,
-    ctx: int = DEFAULT_CTX,
-    parallel: int = DEFAULT_PARALLEL,
-    host: str = DEFAULT_HOST,
-    gpu_layers: int | None = None,
-    threads: int | None = None,
-    timeout: float = STARTUP_TIMEOUT,
-    log_path=None,
-    loras: list | None = None,
-    ui: Path | None = None,
-):
+def llama_server(gguf_path, *, log_path=None, **options):
     """Run llama-server on a GGUF for the duration of a `with` block; yield the OpenAI base URL (…/v1).
 
+    options: start_llama_server's (port, api_key, ctx, parallel, host, gpu_layers, threads, timeout, loras, ui).
     The native endpoints (/health, /tokenize, /apply-template) live at the URL without the /v1 suffix.
     The log goes to log_path (default: a temp file, deleted afterwards unless startup failed).
     """
-    server = start_llama_server(gguf_path, host, port, api_key, ctx, parallel, gpu_layers, threads, timeout, log_path,
-                                loras=loras, ui=ui)
+    server = start_llama_server(gguf_path, log_path=log_path, **options)
     with serving(server, keep_log=log_path is not None) as base_url:
         yield base_url
 
@@ -158,10 +145,9 @@ def start_vllm(
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir, port=None, api_key=None, ctx=DEFAULT_CTX, adapters=None, host=DEFAULT_HOST,
-                timeout=STARTUP_TIMEOUT, log_path=None):
-    """vLLM for the duration of a `with` block; yields the OpenAI base URL (…/v1), like llama_server()."""
-    server = start_vllm(model_dir, host, port, api_key, ctx, adapters, timeout, log_path)
+def vllm_server(model_dir, *, log_path=None, **options):
+    """vLLM for the duration of a `with` block (options: start_vllm's); yields the OpenAI base URL, like llama_server()."""
+    server = start_vllm(model_dir, log_path=log_path, **options)
     with serving(server, keep_log=log_path is not None) as base_url:
         yield base_url
 
