@@ -3,7 +3,7 @@
 # hand-written TRL baseline (benchmarks/baseline_trl.py). Run names start `t2-`: the second of the four speed goals
 # in benchmarks/RESULTS.md. One 80 GB GPU (measured on an H100 80GB; device kind nvidia-h200).
 # Run from the repo root with the host wheelhouse carried as .whl (ONLY="NAME ..." runs just those):
-#   bash benchmarks/gpu/bf16-lora-mfu.sh           (results in $OUT; committed: benchmarks/results/speed-2026-11-22.json)
+#   bash benchmarks/gpu/bf16-lora-mfu.sh  (results in $OUT; committed: benchmarks/results/speed-2026-11-22.json)
 # shellcheck source=benchmarks/gpu/lib.sh
 source benchmarks/gpu/lib.sh
 L=recipes/llama-3.1-8b

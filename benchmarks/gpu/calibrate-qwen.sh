@@ -3,7 +3,7 @@
 # figure for the same config: the points the estimator is calibrated against (benchmarks/MEMORY.md); first the
 # host's `setup/verify --json` (what setup/host-reports/ holds). One 80 GB GPU (measured on an H100 80GB; device
 # kind nvidia-h200). Run from the repo root with the host wheelhouse as .whl:
-#   bash benchmarks/gpu/calibrate-qwen.sh          (results in $OUT, each measure.json in runs/calibration/;
+#   bash benchmarks/gpu/calibrate-qwen.sh  (results in $OUT, each measure.json in runs/calibration/;
 #                                                   committed: benchmarks/results/measure-2026-11-22.json)
 # shellcheck source=benchmarks/gpu/lib.sh
 source benchmarks/gpu/lib.sh

@@ -3,7 +3,7 @@
 # (benchmarks/baseline_trl.py) at the same tokens per optimizer step. Run names start `t1-`: the first of the four
 # speed goals in benchmarks/RESULTS.md. One 80 GB GPU (measured on an H100 80GB; device kind nvidia-h200).
 # Run from the repo root with the host wheelhouse carried as .whl (ONLY="NAME ..." runs just those):
-#   bash benchmarks/gpu/qlora-sft-vs-trl.sh        (results in $OUT; committed: benchmarks/results/speed-2026-11-22.json)
+#   bash benchmarks/gpu/qlora-sft-vs-trl.sh  (results in $OUT; committed: benchmarks/results/speed-2026-11-22.json)
 # shellcheck source=benchmarks/gpu/lib.sh
 source benchmarks/gpu/lib.sh
 Q=recipes/qwen2.5-7b
