@@ -220,7 +220,7 @@ def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
 def test_bench_speed_adds_every_ranks_tokens_and_keeps_each_peak():
     """`loft bench speed --gpus 2`: each rank writes its own record; tokens/s counts both ranks' tokens over rank
     0's clock, and the peak reported is the busiest GPU's (benchmarks/gpu/multigpu.sh reads these)."""
-    from benchmarks.speed import summarize
+    from benchmarks.speed_metrics import summarize
 
     def rank(r, tokens_per_step, alloc):
         marks = [(10.0 + s, s * tokens_per_step) for s in range(4)]  # one step per second
