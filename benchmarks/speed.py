@@ -10,13 +10,8 @@ Data profiles (--data):
                median 184 tokens, sigma 0.15 (measured 2026-11-22 with the SmolLM2 tokenizer, 2,000 rows).
   full         every row fills sequence_len (DPO: prompt a quarter, chosen three quarters, rejected 90% of that).
 
-One throughput measure for every runner (benchmarks/speed_probe.py counts, this module divides):
-  tokens/s = non-padding input tokens of the training forward passes in optimizer steps warmup+1 .. warmup+steps
-             ÷ CUDA-synchronised wall-clock seconds from the end of step `warmup` to the end of the last step.
-  Data loading, logging and the optimizer step are inside the clock; model loading and warm-up are not.
-  MFU = 6 · N_params · tokens/s ÷ the GPU's dense bf16 peak (H100 SXM: 989 TFLOP/s). N_params counts every
-  parameter of the base model, as if all were trained in bf16: for LoRA and QLoRA this is the usual 6N
-  convention, not the hardware's FLOPs (frozen weights need no weight gradients; QLoRA also dequantizes).
+Every runner is measured the same way: benchmarks/speed_probe.py counts tokens and marks the steps inside the
+run, benchmarks/speed_metrics.py turns the marks into tokens/s, MFU and per-GPU peaks.
 """
 
 import contextlib
@@ -29,7 +24,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from benchmarks import peers
+from benchmarks import peers, speed_metrics
 from benchmarks.peers import harness
 from training import recipe as recipes
 from training.arch import shipped_config, shipped_names
@@ -44,23 +39,17 @@ EXAMPLE = ("loft bench speed recipes/qwen2.5-7b/qlora-sft-12gb.yaml --cap-gib 12
            "--vs trl,unsloth,naive")
 
 BENCH = RUNS / "bench-speed"
-GIB = 2**30
 
 # A 4-layer model of the Qwen2 shape, small enough for a CPU test; vocabulary just above the tokenizer's.
 TINY = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096,
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False}
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets; first match wins.
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-               ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
-               ("A10G", 70.0)]
-
 TURN_TOKENS = 3  # <|im_start|> role ... <|im_end|>: what ChatML adds to each turn
 PROFILES = {"shakespeare": (184, 0.15)}  # (median tokens, log-normal sigma) of a whole row
 
 
-# ---------------------------------------------------------------- architecture and arithmetic
+# ---------------------------------------------------------------- architecture
 def resolve_arch(base_model: str, arch: str | None = None) -> tuple[str, dict]:
     """(name, HF config dict) for --arch (tiny, a file, or a training/archs name) or for the recipe's base_model."""
     if arch == "tiny":
@@ -73,34 +62,6 @@ def resolve_arch(base_model: str, arch: str | None = None) -> tuple[str, dict]:
     known = ", ".join(shipped_names())
     raise LoftError(f"no architecture for `{arch or base_model}`; pass --arch tiny, --arch PATH/config.json "
                     f"or one of: {known}")
-
-
-def peak_tflops(device: str) -> float | None:
-    return next((tf for key, tf in PEAK_TFLOPS if key.lower() in device.lower()), None)
-
-
-def mfu(params: int, tokens_per_s: float, peak: float | None) -> float | None:
-    return 6 * params * tokens_per_s / (peak * 1e12) if peak and tokens_per_s else None
-
-
-def throughput(marks: list, warmup: int, steps: int) -> dict:
-    """marks[0] = (seconds, tokens) at train begin, marks[k] at the end of optimizer step k (see the docstring)."""
-    if len(marks) < warmup + steps + 1:
-        raise LoftError(f"the run logged {len(marks) - 1} steps, fewer than warmup {warmup} + steps {steps}; "
-                        "the dataset ran out or training stopped early")
-    (t0, n0), (t1, n1) = marks[warmup], marks[warmup + steps]
-    step_s = sorted(b[0] - a[0] for a, b in zip(marks[warmup:warmup + steps], marks[warmup + 1:warmup + steps + 1]))
-    if n1 == n0:
-        raise LoftError("the token counter saw no training tokens; the input embedding was never called with grad")
-    return {"tokens": n1 - n0, "seconds": round(t1 - t0, 3), "tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
-            "tokens_per_step": round((n1 - n0) / steps), "step_s_median": round(step_s[len(step_s) // 2], 3)}
-
-
-def fits(peak_reserved_gib: float | None, cap_gib: float | None) -> bool | None:
-    """Did the run stay inside the cap? (None when no cap or no GPU.) The allocator enforces it; this reports it."""
-    if cap_gib is None or peak_reserved_gib is None:
-        return None
-    return peak_reserved_gib <= cap_gib
 
 
 # ---------------------------------------------------------------- synthetic data and model
@@ -174,7 +135,7 @@ def rank_files(path: Path) -> list[Path]:
 def read_result(path: Path, log: Path) -> dict:
     result = harness.read_result(path, log, "loft")
     others = [json.loads(p.read_text()) for p in rank_files(path)] if path.exists() else []
-    if others:  # one record per rank: summarize() adds their tokens and keeps every rank's peak
+    if others:  # one record per rank: speed_metrics.summarize() adds their tokens and keeps every rank's peak
         result["other_ranks"] = others
     return result
 
@@ -202,35 +163,6 @@ def run_loft(recipe: Path, cfg: dict, work: Path, env: dict, gpus: int = 1) -> d
 
 
 # ---------------------------------------------------------------- report
-def summarize(result: dict, params: int, warmup: int, steps: int, peak_override: float | None) -> dict:
-    others = result.pop("other_ranks", [])
-    failed = [r for r in others if r.get("status") != "ok"]
-    if result.get("status") != "ok" or failed:
-        return result if result.get("status") != "ok" else {**failed[0], "runner": result["runner"]}
-    try:  # one runner that stopped early is that runner's error, not the end of the whole comparison
-        summary = dict(result, **throughput(result.pop("marks"), warmup, steps))
-        extra = sum(throughput(r["marks"], warmup, steps)["tokens"] for r in others)
-    except LoftError as err:
-        return dict(result, status="error", error=str(err))
-    gpus = 1 + len(others)
-    if others:  # data parallel: each rank trains its own tokens in the same wall-clock window (rank 0's clock)
-        summary["tokens"] += extra
-        summary["tokens_per_s"] = round(summary["tokens"] / summary["seconds"], 1)
-        summary["tokens_per_step"] = round(summary["tokens"] / steps)
-        summary["per_gpu"] = [{k: r.get(k) for k in ("rank", "peak_allocated_gib", "peak_reserved_gib",
-                                                       "train_peak_allocated_gib", "train_peak_reserved_gib")}
-                              for r in [result, *others]]
-        for key in ("peak_allocated_gib", "peak_reserved_gib", "train_peak_allocated_gib", "train_peak_reserved_gib"):
-            values = [r[key] for r in summary["per_gpu"] if r.get(key) is not None]
-            summary[key] = max(values) if values else None  # the busiest GPU decides what card is needed
-    summary["gpus"] = gpus
-    peak = peak_override or peak_tflops(summary["device"])
-    summary["peak_tflops"] = peak
-    summary["mfu"] = round(mfu(params, summary["tokens_per_s"], peak * gpus), 4) if peak else None
-    summary["fits_cap"] = fits(summary.get("peak_reserved_gib"), summary.get("cap_gib"))
-    return summary
-
-
 def invocation() -> str:
     """The command line as a user types it, whether through `loft bench speed` or `python -m benchmarks.speed`."""
     argv = sys.argv[sys.argv.index("speed") + 1:] if "speed" in sys.argv else sys.argv[1:]
@@ -238,28 +170,14 @@ def invocation() -> str:
 
 
 def estimated_gib(cfg: dict, gpus: int = 1) -> float | None:
-    """training/memory.py's estimate of peak allocated GiB (per GPU) for this exact config, to calibrate it against;
+    """training/checks/memory.py's estimate of peak allocated GiB (per GPU) for this exact config, to calibrate it against;
     the same arithmetic `loft doctor --gpus N` prints."""
     try:
-        from training.memory import estimate_recipe
+        from training.checks.memory import estimate_recipe
     except ImportError:
         return None
     est = estimate_recipe(cfg, world=gpus)
     return round(est.allocated, 3) if est else None
-
-
-def line(r: dict) -> str:
-    name = r["runner"]
-    if r.get("status") == "does_not_fit":
-        return f"  {name:9s} does not fit at {r.get('cap_gib')} GiB ({r.get('error', '')[:80]})"
-    if r.get("status") == "cannot_run":
-        return f"  {name:9s} cannot run here: {r.get('reason')}"
-    if r.get("status") != "ok":
-        return f"  {name:9s} failed: {r.get('error')}"
-    m = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "n/a"
-    return (f"  {name:9s} {r['tokens_per_s']:>10,.0f} tok/s  {r['tokens_per_step']:>8,} tok/step  "
-            f"{r['step_s_median']:>6.2f} s/step  alloc {r['peak_allocated_gib']} GiB  "
-            f"reserved {r['peak_reserved_gib']} GiB  MFU {m}")
 
 
 # ---------------------------------------------------------------- CLI
@@ -362,11 +280,11 @@ def run(args) -> int:
     if "loft" in keys:
         (work / "loft").mkdir(parents=True, exist_ok=True)
         loft_cfg = bench_config(cfg, model_dir, tokenizer, data, total)
-        results["loft"] = summarize(run_loft(args.recipe, loft_cfg, work, env, args.gpus), params, args.warmup,
+        results["loft"] = speed_metrics.summarize(run_loft(args.recipe, loft_cfg, work, env, args.gpus), params, args.warmup,
                                     args.steps, args.peak_tflops)
         results["loft"].update(estimated_allocated_gib=estimated_gib(loft_cfg, args.gpus), versions=peers.versions(),
                                settings={k: v for k, v in cfg.items() if k not in DROP})
-        print(line(results["loft"]), flush=True)
+        print(speed_metrics.line(results["loft"]), flush=True)
     # Same tokens per optimizer step for every runner (harness.grad_accum). Peers pack short rows when the recipe
     # does; full-length rows have nothing to pack, and the tools' docs advise packing only for short rows.
     step_tokens = results.get("loft", {}).get("tokens_per_step") or loft_step_tokens
@@ -376,9 +294,9 @@ def run(args) -> int:
         cap = baseline_cap(args.cap_gib, args.baseline_cap_gib) if key == "baseline" else args.cap_gib
         cmd = harness.command(key, task, cfg, model_dir, tokenizer, data, work / key / "speed.json", total, key_ga,
                               cap, profile_step, packing=packs)
-        results[key] = summarize(harness.run(key, cmd, work), params, args.warmup, args.steps, args.peak_tflops)
+        results[key] = speed_metrics.summarize(harness.run(key, cmd, work), params, args.warmup, args.steps, args.peak_tflops)
         results[key].update(grad_accum=key_ga, packing=packs)
-        print(line(results[key]), flush=True)
+        print(speed_metrics.line(results[key]), flush=True)
 
     report = {
         "name": name, "recipe": str(args.recipe), "overrides": args.overrides, "task": task, "arch": arch_name,

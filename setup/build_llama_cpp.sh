@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Build llama.cpp's server, quantizer, perplexity and tokenizer tools once, and cache them.
 #
-# llama.cpp is not packaged for Debian 12, and nothing but package registries is reachable, so the source
-# comes from the llama-cpp-python sdist on PyPI, which vendors a full llama.cpp tree (the pin below fixes
-# which one). GGML_NATIVE=OFF: a -march=native build died with SIGILL/SIGSEGV on our CI machines.
+# The source is the llama.cpp tree vendored in the pinned llama-cpp-python sdist (setup/llama_cpp_source.sh).
+# GGML_NATIVE=OFF: a -march=native build died with SIGILL/SIGSEGV on our CI machines.
 #
 # Usage: bash setup/build_llama_cpp.sh [--force] [--print-dir]
 #   LOFT_CACHE (default ~/.cache/loft) holds llama.cpp/<pin>/{src,bin}; LLAMA_CPP_PYTHON_VERSION overrides the pin.
 set -euo pipefail
+# shellcheck source=setup/llama_cpp_source.sh
+source "$(dirname "$0")/llama_cpp_source.sh"
 
-LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 TARGETS=(llama-server llama-quantize llama-perplexity llama-tokenize)
 CACHE="${LOFT_CACHE:-$HOME/.cache/loft}"
 DEST="$CACHE/llama.cpp/$LLAMA_CPP_PYTHON_VERSION"
@@ -19,7 +19,7 @@ force=0
 case "${1:-}" in
   --force) force=1 ;;
   --print-dir) echo "$DEST"; exit 0 ;;
-  -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
   "") ;;
   *) echo "build_llama_cpp.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
 esac
@@ -41,9 +41,8 @@ done
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "llama.cpp: fetching the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
-"$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
-tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
-src="$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)"
+fetch_llama_cpp "$work"
+src="$LLAMA_CPP_TREE"
 
 # A cache built before a tool was added to SOURCES: copy the sources in (atomically), no 8-minute rebuild.
 if [[ $force == 0 ]] && have_bins; then

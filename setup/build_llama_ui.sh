@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build llama-server's chat web page once, from the same pinned llama.cpp tree as setup/build_llama_cpp.sh, and
-# cache it in $LOFT_CACHE/llama-ui/<pin>/ (apart from the tools, whose rebuild replaces their folder whole).
+# Build llama-server's chat web page once, from the pinned llama.cpp tree the tools are built from
+# (setup/llama_cpp_source.sh), and cache it in $LOFT_CACHE/llama-ui/<pin>/ (apart from the tools' folder).
 # `loft serve MODEL.gguf` has llama-server serve it (--path) and prints its address.
 #
 # This llama.cpp no longer ships the page prebuilt: its build either runs npm or downloads it from a Hugging Face
@@ -9,9 +9,8 @@
 # Usage: bash setup/build_llama_ui.sh [--print-dir]. Needs node >= 20 and npm (Debian: apt-get install nodejs npm).
 # Cold: ~700 MB of node_modules in a temp dir (deleted), ~3 min on 2 cores; the page itself is ~10 MB.
 set -euo pipefail
-
-LLAMA_CPP_PYTHON_VERSION="$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-\([^}]*\)}"$/\1/p' \
-  "$(dirname "$0")/build_llama_cpp.sh")"
+# shellcheck source=setup/llama_cpp_source.sh
+source "$(dirname "$0")/llama_cpp_source.sh"
 CACHE="${LOFT_CACHE:-$HOME/.cache/loft}"
 DEST="$CACHE/llama-ui/$LLAMA_CPP_PYTHON_VERSION"
 PY="${PYTHON:-python3}"
@@ -34,9 +33,8 @@ done
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "llama.cpp web UI: fetching the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
-"$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
-tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work" --wildcards '*/vendor/llama.cpp/tools/ui/*'
-ui="$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp/tools/ui)"
+fetch_llama_cpp "$work" tools/ui
+ui="$LLAMA_CPP_TREE/tools/ui"
 echo "llama.cpp web UI: npm ci + build (about 3 minutes)"
 (cd "$ui" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >"$work/npm-ci.log" 2>&1) \
   || { tail -20 "$work/npm-ci.log" >&2; echo "build_llama_ui.sh: npm ci failed" >&2; exit 1; }

@@ -14,8 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NINJA_VERSION="${NINJA_VERSION:-1.13.0}"
-# Axolotl 0.19.0's flash-attn extra; the sdist's sha256 from PyPI (same pin as setup/plan.py and wheelhouse.sh).
-FLASH_ATTN_SDIST="flash-attn==2.8.3 --hash=sha256:1e71dd64a9e0280e0447b8a0c2541bad4bf6ac65bdeaa2f90e51a9e57de0370d"
+FLASH_ATTN_REQ=setup/requirements/flash-attn.txt  # the pin and its sdist's sha256
 FLASH_ATTN_RELEASES="https://github.com/Dao-AILab/flash-attention/releases/download"
 
 PROFILE=auto
@@ -157,8 +156,7 @@ if bad:
              + " (delete .venv and rerun)")
 PY
 
-fa_version="${FLASH_ATTN_SDIST%% *}"
-fa_version="${fa_version#flash-attn==}"
+fa_version="$(sed -n 's/^flash-attn==\([0-9.]*\) .*/\1/p' "$FLASH_ATTN_REQ")"
 if [[ -n $LOFT_FA_WHEEL ]]; then
   "$vpy" -c 'import flash_attn' 2>/dev/null \
     || "$vpy" -m pip install -q --no-deps "${src[@]}" "$FLASH_ATTN_RELEASES/v$fa_version/$LOFT_FA_WHEEL"
@@ -166,10 +164,9 @@ elif [[ $LOFT_FA_BUILD == 1 ]]; then
   if ! "$vpy" -c "import sys, importlib.metadata as m, flash_attn; sys.exit(m.version('flash-attn') != '$fa_version')" 2>/dev/null; then
     echo "setup: compiling flash-attn $fa_version for sm_$LOFT_FA_ARCHS with MAX_JOBS=$LOFT_MAX_JOBS (1-3 hours)"
     "$vpy" -m pip install -q "${src[@]}" "ninja==$NINJA_VERSION"
-    echo "$FLASH_ATTN_SDIST" >"$work/flash-attn.txt"
     # One arch and NVCC_THREADS=1 keep each job near 4 GiB (flash-attn's own default, 4 threads x 4 archs, ~9 GiB).
     MAX_JOBS="$LOFT_MAX_JOBS" NVCC_THREADS=1 FLASH_ATTN_CUDA_ARCHS="$LOFT_FA_ARCHS" FLASH_ATTENTION_FORCE_BUILD=TRUE \
-      PATH="$VENV/bin:$PATH" "$vpy" -m pip install --no-deps --no-build-isolation "${src[@]}" -r "$work/flash-attn.txt"
+      PATH="$VENV/bin:$PATH" "$vpy" -m pip install --no-deps --no-build-isolation "${src[@]}" -r "$FLASH_ATTN_REQ"
   fi
 fi
 

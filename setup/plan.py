@@ -47,7 +47,8 @@ REQS = REPO / "setup" / "requirements"
 # --- pins and tables --------------------------------------------------------------------------------------
 AXOLOTL = "0.19.0"
 TORCHAO = "0.17.0"
-FLASH_ATTN = "2.8.3"  # what Axolotl 0.19.0's flash-attn extra pins
+FLASH_ATTN_REQ = REQS / "flash-attn.txt"  # Axolotl's flash-attn pin and the sdist's hash; the shell scripts read it too
+FLASH_ATTN = re.search(r"^flash-attn==([\d.]+) ", FLASH_ATTN_REQ.read_text(), re.M)[1]
 FA_OFFICIAL_TORCH = ("2.4", "2.5", "2.6", "2.7", "2.8")  # torch minors with an official 2.8.3 wheel (CUDA 12 only)
 FA_JOB_GIB = 4  # peak memory of one nvcc job with NVCC_THREADS=1 and one target arch
 MERGE_7B_GIB = 21  # 8B params x 2 bytes (bf16) = 15 GiB + one ~5 GiB safetensors shard being read + ~1 GiB Python

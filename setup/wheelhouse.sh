@@ -16,8 +16,7 @@ NINJA_VERSION="${NINJA_VERSION:-1.13.0}"
 # The build backend pyproject.toml names: installing Loft itself (pip install -e .) offline needs it, and a
 # Python 3.12 venv has no setuptools at all (3.11's bundled 65.5 is older than pyproject's >=68).
 SETUPTOOLS_VERSION="${SETUPTOOLS_VERSION:-80.9.0}"
-# Axolotl 0.19.0's flash-attn extra; the sdist's sha256 from PyPI (same pin as setup/plan.py and install.sh).
-FLASH_ATTN_SDIST="flash-attn==2.8.3 --hash=sha256:1e71dd64a9e0280e0447b8a0c2541bad4bf6ac65bdeaa2f90e51a9e57de0370d"
+FLASH_ATTN_REQ=setup/requirements/flash-attn.txt  # the pin and its sdist's sha256
 PYPI="https://pypi.org/simple"
 CPU_INDEX="https://download.pytorch.org/whl/cpu"
 PY="${PYTHON:-python3}"
@@ -75,7 +74,7 @@ case "$PROFILE" in
   cpu) steps+=("pip download --no-deps ${target[*]} --extra-index-url $CPU_INDEX -d $DEST $torch_pin") ;;
   *) steps+=("pip download --no-deps ${target[*]} -d $DEST ${torch_pin%% *}   (hash-checked)") ;;
 esac
-[[ $PROFILE == cpu ]] || steps+=("pip download --no-deps --no-binary :all: --no-build-isolation -d $DEST ${FLASH_ATTN_SDIST%% *} (hash-checked); pip download --no-deps ${target[*]} -d $DEST ninja==$NINJA_VERSION")
+[[ $PROFILE == cpu ]] || steps+=("pip download --no-deps --no-binary :all: --no-build-isolation -d $DEST $(grep -o '^flash-attn==[0-9.]*' "$FLASH_ATTN_REQ") (hash-checked); pip download --no-deps ${target[*]} -d $DEST ninja==$NINJA_VERSION")
 echo "wheelhouse: $PROFILE for Python $TARGET_PY on $PLATFORM into $DEST"
 printf '  %s\n' "${steps[@]}"
 [[ $DRY_RUN == 1 ]] && exit 0
@@ -104,11 +103,10 @@ case "$PROFILE" in
 esac
 if [[ $PROFILE != cpu ]]; then
   "${pip[@]}" download -q --no-deps "${target[@]}" -d "$DEST" "ninja==$NINJA_VERSION"
-  echo "$FLASH_ATTN_SDIST" >"$work/fa.txt"
   fa_py="${LOFT_VENV:-.venv}/bin/python"
   [[ -x $fa_py ]] || fa_py="$PY"
   FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE "$fa_py" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
-    -d "$DEST" -r "$work/fa.txt" \
+    -d "$DEST" -r "$FLASH_ATTN_REQ" \
     || echo "wheelhouse.sh: warning: no flash-attn sdist (its setup.py needs torch importable by $fa_py); only --build-flash-attn needs it" >&2
 fi
 printf 'profile=%s\npython=%s\nplatform=%s\nlock_sha256=%s\n' "$PROFILE" "$TARGET_PY" "$PLATFORM" \

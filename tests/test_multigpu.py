@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import memory
+from training.checks import memory
 from training.errors import LoftError
 from training.launcher import Topology, check_devices, command
 from training.paths import REPO, apply_private_env
@@ -60,7 +60,7 @@ def test_two_nodes_command(rank, tmp_path, capsys):
                         "2", "--machine_rank", str(rank), "--main_process_ip", "10.0.0.1", "--main_process_port",
                         "29600", "-m", "axolotl.cli.train", f"runs/ci-multinode-{rank}/recipe.yaml"]
     resolved = yaml.safe_load((REPO / line[-1]).read_text())
-    assert "training.guard.HealthGuardPlugin" in resolved["plugins"]  # every rank runs the guard
+    assert "training.plugins.guard.HealthGuardPlugin" in resolved["plugins"]  # every rank runs the guard
 
 
 @pytest.mark.parametrize("topo,message", [
@@ -220,7 +220,7 @@ def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
 def test_bench_speed_adds_every_ranks_tokens_and_keeps_each_peak():
     """`loft bench speed --gpus 2`: each rank writes its own record; tokens/s counts both ranks' tokens over rank
     0's clock, and the peak reported is the busiest GPU's (benchmarks/gpu/multigpu.sh reads these)."""
-    from benchmarks.speed import summarize
+    from benchmarks.speed_metrics import summarize
 
     def rank(r, tokens_per_step, alloc):
         marks = [(10.0 + s, s * tokens_per_step) for s in range(4)]  # one step per second

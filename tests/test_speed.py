@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import speed, speed_probe
+from benchmarks import speed, speed_metrics, speed_probe
 from benchmarks.peers import harness
 from training import recipe as recipes
 from training.arch import Arch
@@ -43,35 +43,35 @@ def test_parameter_count_matches_a_real_model():
 
 def test_mfu_is_6n_tokens_over_peak():
     # 8,590 tok/s on Qwen2.5-7B against the H100 SXM's 989.4 TFLOP/s
-    assert speed.mfu(7_615_616_512, 8590, 989.4) == pytest.approx(6 * 7_615_616_512 * 8590 / 989.4e12)
-    assert speed.mfu(7_615_616_512, 8590, 989.4) == pytest.approx(0.3967, abs=1e-4)
-    assert speed.mfu(1, 100, None) is None
+    assert speed_metrics.mfu(7_615_616_512, 8590, 989.4) == pytest.approx(6 * 7_615_616_512 * 8590 / 989.4e12)
+    assert speed_metrics.mfu(7_615_616_512, 8590, 989.4) == pytest.approx(0.3967, abs=1e-4)
+    assert speed_metrics.mfu(1, 100, None) is None
 
 
 def test_peak_table_names_the_gpu():
-    assert speed.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert speed.peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert speed.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert speed.peak_tflops("cpu") is None
+    assert speed_metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert speed_metrics.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert speed_metrics.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert speed_metrics.peak_tflops("cpu") is None
 
 
 def test_throughput_excludes_warmup():
     # begin, then 4 steps: the first is slow (compilation) and must not count with warmup=1
     marks = [(0.0, 0), (10.0, 1000), (11.0, 2000), (12.0, 3000), (13.5, 4000)]
-    out = speed.throughput(marks, warmup=1, steps=3)
+    out = speed_metrics.throughput(marks, warmup=1, steps=3)
     assert out["tokens"] == 3000 and out["seconds"] == 3.5
     assert out["tokens_per_s"] == pytest.approx(3000 / 3.5, abs=0.1)
     assert out["tokens_per_step"] == 1000 and out["step_s_median"] == 1.0
     with pytest.raises(LoftError, match="fewer than"):
-        speed.throughput(marks, warmup=2, steps=3)
+        speed_metrics.throughput(marks, warmup=2, steps=3)
     with pytest.raises(LoftError, match="no training tokens"):
-        speed.throughput([(0.0, 0), (1.0, 0)], warmup=0, steps=1)
+        speed_metrics.throughput([(0.0, 0), (1.0, 0)], warmup=0, steps=1)
 
 
 def test_fits():
-    assert speed.fits(10.9, 11) is True
-    assert speed.fits(11.2, 11) is False
-    assert speed.fits(5.0, None) is None
+    assert speed_metrics.fits(10.9, 11) is True
+    assert speed_metrics.fits(11.2, 11) is False
+    assert speed_metrics.fits(5.0, None) is None
 
 
 # ---------------------------------------------------------------- token counting
@@ -106,7 +106,7 @@ def test_callback_writes_marks_and_throughput_follows(tiny_model, tmp_path):
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["status"] == "ok" and record["cap_gib"] == 12
     assert [n for _, n in record["marks"]] == [0, 4, 8, 12]
-    summary = speed.summarize(record, params=7_615_616_512, warmup=1, steps=2, peak_override=989.4)
+    summary = speed_metrics.summarize(record, params=7_615_616_512, warmup=1, steps=2, peak_override=989.4)
     assert summary["tokens"] == 8 and summary["tokens_per_step"] == 4
     assert summary["mfu"] == pytest.approx(6 * 7_615_616_512 * summary["tokens_per_s"] / 989.4e12, abs=1e-4)
 
@@ -120,8 +120,8 @@ def test_out_of_memory_is_a_result_not_a_crash(tmp_path):
     record = speed_probe.does_not_fit(tmp_path / "r.json", "baseline", 8.0, exc)
     assert json.loads((tmp_path / "r.json").read_text()) == record
     assert record["status"] == "does_not_fit" and record["cap_gib"] == 8.0
-    assert "does not fit at 8.0 GiB" in speed.line(record)
-    assert speed.summarize(dict(record), 1, 1, 1, None)["status"] == "does_not_fit"
+    assert "does not fit at 8.0 GiB" in speed_metrics.line(record)
+    assert speed_metrics.summarize(dict(record), 1, 1, 1, None)["status"] == "does_not_fit"
 
 
 def test_baseline_reports_oom_raised_in_a_training_step(tmp_path, monkeypatch):
@@ -240,7 +240,7 @@ def test_report_line_and_ratios():
     base = dict(loft, runner="baseline", tokens_per_s=312.0, tokens_per_step=8069, peak_reserved_gib=8.7)
     r = harness.ratios(loft, base)
     assert r["tokens_per_s"] == 27.53 and r["tokens_per_step"] == 1.01
-    assert "8,590 tok/s" in speed.line(loft) and "MFU 39.7%" in speed.line(loft)
+    assert "8,590 tok/s" in speed_metrics.line(loft) and "MFU 39.7%" in speed_metrics.line(loft)
     assert harness.ratios(loft, {"status": "does_not_fit"}) is None
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import peers, speed
+from benchmarks import peers, speed, speed_metrics
 from benchmarks.peers import flags, harness, unsloth_runner
 from training.errors import LoftError
 
@@ -80,7 +80,7 @@ def test_loft_is_compared_with_every_peer_and_headlined_against_the_strongest():
     lines = harness.summary_lines(results)
     assert "loft / TRL tuned (strongest): 0.91x tokens/s" in lines[0]
     assert lines[2] == f"  loft / Unsloth: no ratio (unsloth cannot_run: {reason})"
-    assert speed.line(results["unsloth"]) == f"  unsloth   cannot run here: {reason}"
+    assert speed_metrics.line(results["unsloth"]) == f"  unsloth   cannot run here: {reason}"
     results["unsloth"] = _ok("unsloth", 10057.0, 8.85)
     assert harness.strongest(results) == "unsloth"
     assert harness.strongest({"loft": _ok("loft", 1.0, 1.0)}) is None
@@ -88,9 +88,9 @@ def test_loft_is_compared_with_every_peer_and_headlined_against_the_strongest():
 
 def test_a_runner_that_stopped_early_is_its_own_error():
     record = {"runner": "unsloth", "status": "ok", "device": "cpu", "marks": [(0.0, 0), (1.0, 100)]}
-    r = speed.summarize(record, params=1, warmup=2, steps=4, peak_override=None)
+    r = speed_metrics.summarize(record, params=1, warmup=2, steps=4, peak_override=None)
     assert r["status"] == "error" and "logged 1 steps, fewer than warmup 2 + steps 4" in r["error"]
-    assert speed.line(r).startswith("  unsloth   failed: the run logged 1 steps")
+    assert speed_metrics.line(r).startswith("  unsloth   failed: the run logged 1 steps")
 
 
 def test_a_runner_that_wrote_nothing_is_an_error_naming_its_last_log_line(tmp_path):

@@ -21,13 +21,13 @@ import openai
 import pytest
 
 import lora_models
+from openai_checks import QUESTION, check_chat_completion, check_streaming
 from training import vllm_engine
 from training.serve import start_vllm
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-loft-vllm"
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 def loft(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
@@ -71,21 +71,11 @@ def test_models_lists_the_base_and_the_adapter(client, models):
 
 
 def test_chat_completion(client, models):
-    resp = client.chat.completions.create(model=models[0].name, messages=QUESTION, temperature=0, max_tokens=32)
-    answer = resp.choices[0].message.content
-    assert "Paris" in answer, answer
-    assert resp.choices[0].finish_reason == "stop" and "<|im_end|>" not in answer
-    assert resp.usage.prompt_tokens > 10 and 0 < resp.usage.completion_tokens <= 32
+    check_chat_completion(client, models[0].name)
 
 
 def test_streaming(client, models):
-    kwargs = dict(model=models[0].name, messages=QUESTION, temperature=0, max_tokens=32)
-    whole = client.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(client.chat.completions.create(stream=True, **kwargs))
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1, "tokens arrive incrementally"
-    assert "".join(pieces) == whole
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    check_streaming(client, models[0].name)
 
 
 def test_api_key_required(server):

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training import llama_cpp
+from training import llama_cpp, process
 from training.errors import LoftError
 from training.paths import RunDir, cache_dir
 
@@ -133,7 +133,7 @@ def gguf_lora(name: str, adapter_dir: Path, base_dir: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=llama_cpp.converter_env())
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        print(llama_cpp.tail(proc.stdout + proc.stderr, 15), file=sys.stderr)
+        print(process.tail(proc.stdout + proc.stderr, 15), file=sys.stderr)
         raise LoftError(f"convert_lora_to_gguf.py failed on adapter {name} ({adapter_dir}); its last lines are above")
     tmp.rename(out)
     return out

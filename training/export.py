@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from training import llama_cpp
+from training import llama_cpp, process
 from training.errors import LoftError, damaged, read_json, read_safetensors_header
 from training.lifecycle import clear_stale, die_with_parent
 from training.paths import RunDir
@@ -196,7 +196,7 @@ def _run(cmd: list[str], what: str) -> str:
                           preexec_fn=die_with_parent())
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        print(llama_cpp.tail(output, 15), file=sys.stderr)
+        print(process.tail(output, 15), file=sys.stderr)
         raise LoftError(f"{what} failed: {llama_cpp.reason(output, proc.returncode)}")
     return output
 
@@ -213,7 +213,7 @@ def perplexity(gguf: Path, text_file: Path, ctx: int = PPL_CTX, chunks: int = PP
         raise LoftError(f"eval text {text_file} is too short: llama-perplexity needs at least {short.group(1)} tokens at -c {ctx}")
     match = _PPL_RE.search(output)
     if proc.returncode != 0 or not match:
-        print(llama_cpp.tail(output, 15), file=sys.stderr)
+        print(process.tail(output, 15), file=sys.stderr)
         raise LoftError(f"llama-perplexity failed on {gguf.name} (exit code {proc.returncode}); see the lines above")
     used = re.search(r"calculating perplexity over (\d+) chunks", output)
     return {
@@ -379,7 +379,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.ppl_ctx < 16 or args.ppl_chunks < 1:
         raise LoftError("--ppl-ctx must be >= 16 and --ppl-chunks >= 1")
-    with llama_cpp.signals_as_keyboard_interrupt():  # Ctrl-C and SIGTERM both clean up partial files
+    with process.signals_as_keyboard_interrupt():  # Ctrl-C and SIGTERM both clean up partial files
         report = export(args.merged_dir, args.out, args.quants, args.eval_text,
                         ppl=not args.no_ppl, ppl_ctx=args.ppl_ctx, ppl_chunks=args.ppl_chunks)
     print()

@@ -1,7 +1,7 @@
 """Helpers around the cached llama.cpp build (setup/build_llama_cpp.sh): find it, run its tools.
 
 The build lives in $LOFT_CACHE/llama.cpp/<pin>/ (see training/paths.py); the pin is the one in
-setup/build_llama_cpp.sh (LLAMA_CPP_PYTHON_VERSION overrides it, as it does for the script).
+setup/llama_cpp_source.sh (LLAMA_CPP_PYTHON_VERSION overrides it, as it does for the build scripts).
 
 convert_hf_to_gguf.py always runs with the venv's python and PYTHONPATH=<src>/gguf-py, so it imports the
 gguf-py it was written against, never the (possibly different) `gguf` wheel installed in the venv.
@@ -12,22 +12,20 @@ spinning threads starve each other. Measured on the 2-core dev box next to a tra
 answer 3.6 s -> 0.3 s, perplexity pass 23 s -> 8 s.
 """
 
-import contextlib
 import functools
 import os
 import re
 import shutil
 import subprocess
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from training.errors import LoftError
 from training.lifecycle import die_with_parent
 from training.paths import REPO, cache_dir
+from training.process import tail
 
-BUILD_SCRIPT = REPO / "setup" / "build_llama_cpp.sh"
+PIN_SCRIPT = REPO / "setup" / "llama_cpp_source.sh"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity", "llama-tokenize")
 SETUP_HINT = "run `make setup` (or `bash setup/build_llama_cpp.sh`)"
 
@@ -37,12 +35,12 @@ def pinned_version() -> str:
     if os.environ.get("LLAMA_CPP_PYTHON_VERSION"):
         return os.environ["LLAMA_CPP_PYTHON_VERSION"]
     try:
-        text = BUILD_SCRIPT.read_text()
+        text = PIN_SCRIPT.read_text()
     except OSError:
-        raise LoftError(f"{BUILD_SCRIPT} is missing; it pins the llama.cpp version (restore it from git)") from None
+        raise LoftError(f"{PIN_SCRIPT} is missing; it pins the llama.cpp version (restore it from git)") from None
     match = re.search(r'LLAMA_CPP_PYTHON_VERSION="\$\{LLAMA_CPP_PYTHON_VERSION:-([^}"]+)\}"', text)
     if not match:
-        raise LoftError(f"cannot find the llama.cpp pin (LLAMA_CPP_PYTHON_VERSION) in {BUILD_SCRIPT}")
+        raise LoftError(f"cannot find the llama.cpp pin (LLAMA_CPP_PYTHON_VERSION) in {PIN_SCRIPT}")
     return match.group(1)
 
 
@@ -126,19 +124,6 @@ def has_gpu() -> bool:
     return proc.returncode == 0 and "GPU" in proc.stdout
 
 
-def tail(text_or_path, lines: int = 20) -> str:
-    """The last lines of a log (a string or a file path), for error messages."""
-    if isinstance(text_or_path, Path):
-        try:
-            text = text_or_path.read_text(errors="replace")
-        except OSError:
-            return ""
-    else:
-        text = text_or_path or ""
-    text = text.replace("\r", "\n")
-    return "\n".join([l for l in text.splitlines() if l.strip()][-lines:])
-
-
 _PROGRESS = re.compile(r"\d+%\||\[\d+/\d+\]|^Writing:|\d+(\.\d+)?[kMG]?(/s|B/s|it/s)\]?$")
 _FAILURE = re.compile(r"(Error|Exception|error|failed|FAILED|cannot|unable|No space|Killed)")
 
@@ -152,25 +137,48 @@ def reason(output, code: int) -> str:
     return lines[-1][:300] if lines else f"exit code {code}"
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def server_command(
+    gguf_path,
+    host: str,
+    port: int,
+    ctx: int,
+    parallel: int,
+    gpu_layers: int | None = None,
+    threads: int | None = None,
+    alias: str | None = None,
+    loras: list | None = None,
+    ui: Path | None = None,
+) -> list[str]:
+    """The llama-server argv for `loft serve` (the API key is not in it: it goes through the LLAMA_API_KEY variable).
+    loras: GGUF LoRA files, loaded at scale 0, so a request answers as the base unless it names an adapter."""
+    gguf_path = Path(gguf_path)
+    server = "llama-server"
+    cmd = [str(binary(server)), "-m", str(gguf_path), "--alias", alias or gguf_path.stem]
+    cmd += ["--host", host, "--port", str(port)]
+    cmd += ["-c", str(ctx * parallel), "--parallel", str(parallel)]  # ctx is split across slots
+    if supports_flag(server, "-cb"):
+        cmd.append("-cb")
+    if supports_flag(server, "--jinja"):
+        cmd.append("--jinja")
+    if supports_flag(server, "-fa"):
+        cmd += ["-fa", "auto"]
+    if ui is not None:
+        cmd += ["--path", str(ui)]  # the chat page built from this tree (setup/build_llama_ui.sh)
+    for flag in ("--no-slots", "--metrics") if ui is not None else ("--no-webui", "--no-slots", "--metrics"):
+        if supports_flag(server, flag):
+            cmd.append(flag)
+    if gpu_layers is None and has_gpu():
+        gpu_layers = 999
+    if gpu_layers is not None:
+        cmd += ["-ngl", str(gpu_layers)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    for path in loras or []:
+        # Scale 0, so a request answers as the base unless its "lora" field switches an adapter on. (With --lora
+        # and --lora-init-without-apply, this llama-server still applies the adapter to requests that name none.)
+        cmd += ["--lora-scaled", f"{path}:0"]
+    return cmd
 
-
-@contextlib.contextmanager
-def signals_as_keyboard_interrupt():
-    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt, so cleanup code runs for both
-    (even when SIGINT was ignored at startup, as for `cmd &` in a script). No-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, _raise_interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def convert_hf_to_gguf(

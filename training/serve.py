@@ -26,20 +26,15 @@ import contextlib
 import os
 import re
 import shlex
-import socket
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from training import adapters as lora
 from training import llama_cpp, vllm_engine
 from training.errors import LoftError
-from training.lifecycle import die_with_parent
+from training.process import (STARTUP_TIMEOUT, Server, check_port, client_host, free_port, serving,
+                              signals_as_keyboard_interrupt, temp_log)
 
 HELP = "Serve a GGUF with llama-server (or a merged HF dir with vLLM), adapters too, behind an OpenAI-compatible API."
 EXAMPLE = "loft serve merged_models/smollm2-shakespeare/gguf/smollm2-shakespeare-Q4_K_M.gguf --api-key sk-local --smoke"
@@ -48,165 +43,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_CTX = 4096
 DEFAULT_PARALLEL = 4
-STARTUP_TIMEOUT = 300.0
 SMOKE_PROMPT = "What is the capital of France? Answer in one word."
 
 
-# ---------------------------------------------------------------- helpers
-def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(1)
-        return s.connect_ex((_client_host(host), port)) == 0
-
-
-def _client_host(host: str) -> str:
-    """Where a local client connects for a server bound to `host`."""
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-
-
-def _health(url: str, timeout: float = 2.0) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def check_port(host: str, port: int | None) -> None:
-    if port is not None and port_in_use(host, port):
-        raise LoftError(f"port {port} is already in use on {host}; stop what runs there, or pick another (--port 0: any free port)")
-
-
-def temp_log(prefix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log")
-    os.close(fd)
-    return Path(name)
-
-
-@contextlib.contextmanager
-def serving(server: "Server", keep_log: bool):
-    """Yield the server's OpenAI base URL; stop it afterwards and drop its temp log unless asked to keep it."""
-    try:
-        yield server.base_url
-    finally:
-        server.stop()
-        if not keep_log:
-            server.log_path.unlink(missing_ok=True)
-
-
-class Server:
-    """A supervised server process: start(), wait_ready(), stop(). Its log goes to a file."""
-
-    def __init__(self, cmd: list[str], env: dict, root_url: str, log_path: Path, name: str):
-        self.cmd, self.env, self.log_path, self.name = cmd, env, Path(log_path), name
-        self.root_url = root_url  # native endpoints: /health, /tokenize, /metrics ...
-        self.base_url = root_url + "/v1"  # the OpenAI base_url
-        self.health_url = root_url + "/health"
-        self.proc: subprocess.Popen | None = None
-        self.diagnose = None  # log text -> the one line that explains a failed start, or None
-
-    def start(self) -> "Server":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop the child deliberately
-            preexec_fn=die_with_parent(),  # a killed `loft serve` (or test run) leaves no server behind
-        )
-        return self
-
-    def log_tail(self, lines: int = 20) -> str:
-        return llama_cpp.tail(self.log_path, lines)
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        """Poll /health until 200; raise LoftError if the process exits or the timeout passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                why = self.diagnose(self.log_tail(200)) if self.diagnose else None
-                if why:
-                    raise LoftError(f"{why} (log: {self.log_path})")
-                print(self.log_tail(), file=sys.stderr)
-                raise LoftError(f"{self.name} exited with code {code} before it was ready (log: {self.log_path})")
-            if _health(self.health_url) == 200 and self.proc.poll() is None:
-                return
-            if time.monotonic() > deadline:
-                print(self.log_tail(), file=sys.stderr)
-                raise LoftError(f"{self.name} was not ready after {timeout:.0f}s (log: {self.log_path})")
-            time.sleep(0.2)
-
-    def stop(self, grace: float = 10.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            # The server's own children (vLLM's engine core and workers) share its session: none may outlive it.
-            deadline = time.monotonic() + 5
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                while time.monotonic() < deadline:  # until the killed ones are reaped (signal 0 only asks)
-                    os.killpg(self.proc.pid, 0)
-                    time.sleep(0.1)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-
 # ---------------------------------------------------------------- llama.cpp
-def llama_server_command(
-    gguf_path,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    ctx: int = DEFAULT_CTX,
-    parallel: int = DEFAULT_PARALLEL,
-    gpu_layers: int | None = None,
-    threads: int | None = None,
-    alias: str | None = None,
-    loras: list | None = None,
-    ui: Path | None = None,
-) -> list[str]:
-    """The llama-server argv (the API key is not in it: it goes through the LLAMA_API_KEY variable).
-    loras: GGUF LoRA files, loaded at scale 0, so a request answers as the base unless it names an adapter."""
-    gguf_path = Path(gguf_path)
-    server = "llama-server"
-    cmd = [str(llama_cpp.binary(server)), "-m", str(gguf_path), "--alias", alias or gguf_path.stem]
-    cmd += ["--host", host, "--port", str(port)]
-    cmd += ["-c", str(ctx * parallel), "--parallel", str(parallel)]  # ctx is split across slots
-    if llama_cpp.supports_flag(server, "-cb"):
-        cmd.append("-cb")
-    if llama_cpp.supports_flag(server, "--jinja"):
-        cmd.append("--jinja")
-    if llama_cpp.supports_flag(server, "-fa"):
-        cmd += ["-fa", "auto"]
-    if ui is not None:
-        cmd += ["--path", str(ui)]  # the chat page built from this tree (setup/build_llama_ui.sh)
-    for flag in ("--no-slots", "--metrics") if ui is not None else ("--no-webui", "--no-slots", "--metrics"):
-        if llama_cpp.supports_flag(server, flag):
-            cmd.append(flag)
-    if gpu_layers is None and llama_cpp.has_gpu():
-        gpu_layers = 999
-    if gpu_layers is not None:
-        cmd += ["-ngl", str(gpu_layers)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    for path in loras or []:
-        # Scale 0, so a request answers as the base unless its "lora" field switches an adapter on. (With --lora
-        # and --lora-init-without-apply, this llama-server still applies the adapter to requests that name none.)
-        cmd += ["--lora-scaled", f"{path}:0"]
-    return cmd
-
-
 # llama.cpp's own words for a GGUF it cannot read, most telling first (the loader's reason, then its summary).
 _LOAD_FAILURES = (r"gguf_init\w*: .*|error loading model.*", r"failed to load model.*")
 
@@ -256,45 +96,26 @@ def start_llama_server(
     attempts = 3 if port is None else 1
     for attempt in range(attempts):
         chosen = port if port is not None else free_port(host)
-        cmd = llama_server_command(gguf_path, host, chosen, ctx, parallel, gpu_layers, threads, loras=loras, ui=ui)
-        server = Server(cmd, env, f"http://{_client_host(host)}:{chosen}", log_path, "llama-server")
+        cmd = llama_cpp.server_command(gguf_path, host, chosen, ctx, parallel, gpu_layers, threads, loras=loras, ui=ui)
+        server = Server(cmd, env, f"http://{client_host(host)}:{chosen}", log_path, "llama-server")
         server.diagnose = lambda log: gguf_load_failure(gguf_path, log)
-        server.start()
         try:
-            server.wait_ready(timeout)
-            return server
+            return server.start_and_wait(timeout)
         except LoftError:
-            server.stop()
             if attempt + 1 < attempts and "couldn't bind" in server.log_tail(40):
                 continue  # someone took the free port between our check and the bind
-            raise
-        except BaseException:
-            server.stop()
             raise
 
 
 @contextlib.contextmanager
-def llama_server(
-    gguf_path,
-    port: int | None = None,
-    api_key: str | None = None,
-    ctx: int = DEFAULT_CTX,
-    parallel: int = DEFAULT_PARALLEL,
-    host: str = DEFAULT_HOST,
-    gpu_layers: int | None = None,
-    threads: int | None = None,
-    timeout: float = STARTUP_TIMEOUT,
-    log_path=None,
-    loras: list | None = None,
-    ui: Path | None = None,
-):
+def llama_server(gguf_path, *, log_path=None, **options):
     """Run llama-server on a GGUF for the duration of a `with` block; yield the OpenAI base URL (…/v1).
 
+    options: start_llama_server's (port, api_key, ctx, parallel, host, gpu_layers, threads, timeout, loras, ui).
     The native endpoints (/health, /tokenize, /apply-template) live at the URL without the /v1 suffix.
     The log goes to log_path (default: a temp file, deleted afterwards unless startup failed).
     """
-    server = start_llama_server(gguf_path, host, port, api_key, ctx, parallel, gpu_layers, threads, timeout, log_path,
-                                loras=loras, ui=ui)
+    server = start_llama_server(gguf_path, log_path=log_path, **options)
     with serving(server, keep_log=log_path is not None) as base_url:
         yield base_url
 
@@ -319,21 +140,14 @@ def start_vllm(
     if api_key:
         env["VLLM_API_KEY"] = api_key
     log_path = Path(log_path) if log_path is not None else temp_log("loft-vllm-")
-    server = Server(vllm_engine.runnable(cmd), env, f"http://{_client_host(host)}:{port}", log_path, "vllm")
-    server.start()
-    try:
-        server.wait_ready(timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    server = Server(vllm_engine.runnable(cmd), env, f"http://{client_host(host)}:{port}", log_path, "vllm")
+    return server.start_and_wait(timeout)
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir, port=None, api_key=None, ctx=DEFAULT_CTX, adapters=None, host=DEFAULT_HOST,
-                timeout=STARTUP_TIMEOUT, log_path=None):
-    """vLLM for the duration of a `with` block; yields the OpenAI base URL (…/v1), like llama_server()."""
-    server = start_vllm(model_dir, host, port, api_key, ctx, adapters, timeout, log_path)
+def vllm_server(model_dir, *, log_path=None, **options):
+    """vLLM for the duration of a `with` block (options: start_vllm's); yields the OpenAI base URL, like llama_server()."""
+    server = start_vllm(model_dir, log_path=log_path, **options)
     with serving(server, keep_log=log_path is not None) as base_url:
         yield base_url
 
@@ -388,7 +202,7 @@ def _engine(model: Path, engine: str | None) -> str:
 
 
 def run(args) -> int:
-    with llama_cpp.signals_as_keyboard_interrupt():  # Ctrl-C or SIGTERM (systemd, docker stop) stop the server
+    with signals_as_keyboard_interrupt():  # Ctrl-C or SIGTERM (systemd, docker stop) stop the server
         return _run(args)
 
 
@@ -418,7 +232,7 @@ def _run(args) -> int:
         loras = lora.for_llama_cpp(model.resolve(), adapters)
         ui = None if args.no_ui else llama_cpp.ui_dir()
         if args.dry_run:
-            cmd = llama_server_command(model.resolve(), args.host, port, args.ctx, args.parallel, args.gpu_layers,
+            cmd = llama_cpp.server_command(model.resolve(), args.host, port, args.ctx, args.parallel, args.gpu_layers,
                                        args.threads, loras=loras, ui=ui)
             print(("LLAMA_API_KEY=*** " if args.api_key else "") + shlex.join(cmd))
             return 0

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU host: `loft doctor --measure` on Llama-3.1-8B recipes and variants (estimator calibration, issue #4).
-# Run from the repo root with .whl carried:  bash benchmarks/gpu/calibrate-llama.sh   (results in $OUT)
+# Peak memory of Llama-3.1-8B recipes and variants by `loft doctor --measure`, beside the memory estimator's
+# figure for the same config: the points the estimator is calibrated against (benchmarks/MEMORY.md). One 80 GB GPU
+# (measured on an H100 80GB; device kind nvidia-h200). Run from the repo root with the host wheelhouse as .whl:
+#   bash benchmarks/gpu/calibrate-llama.sh  (results in $OUT; committed: benchmarks/results/measure-2026-11-22.json)
 # shellcheck source=benchmarks/gpu/lib.sh
 source benchmarks/gpu/lib.sh
 L=recipes/llama-3.1-8b

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# GPU host: `loft doctor --measure` on the Qwen2.5-7B recipes and variants (estimator calibration, issue #4),
-# plus `setup/verify --json` from the host (issue #9). Run from the repo root with .whl carried:
-#   bash benchmarks/gpu/calibrate-qwen.sh      (results in $OUT; measure.json of each in runs/calibration/)
+# Peak memory of the Qwen2.5-7B recipes and variants by `loft doctor --measure`, beside the memory estimator's
+# figure for the same config: the points the estimator is calibrated against (benchmarks/MEMORY.md); first the
+# host's `setup/verify --json` (what setup/host-reports/ holds). One 80 GB GPU (measured on an H100 80GB; device
+# kind nvidia-h200). Run from the repo root with the host wheelhouse as .whl:
+#   bash benchmarks/gpu/calibrate-qwen.sh  (results in $OUT, each measure.json in runs/calibration/;
+#                                                   committed: benchmarks/results/measure-2026-11-22.json)
 # shellcheck source=benchmarks/gpu/lib.sh
 source benchmarks/gpu/lib.sh
 if [[ -z $ONLY ]]; then timeout 120 python3 setup/verify --json > "$OUT/verify.json"; echo "setup/verify exit $?"; fi

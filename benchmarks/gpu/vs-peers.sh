@@ -17,7 +17,7 @@ source benchmarks/gpu/lib.sh
 CASES="${CASES:-qwen-full}"
 Q=recipes/qwen2.5-7b
 L=recipes/llama-3.1-8b
-PEERS=(--vs trl,unsloth)
+PEERS=(--vs "trl,unsloth")
 TIMED=(--warmup 2 --steps 4)
 LEVER=(--only loft --warmup 2 --steps 18)  # 20 losses per lever, the loss-curve check
 want() { [[ " $CASES " == *" $1 "* ]]; }
@@ -31,13 +31,13 @@ fi
 
 # Qwen2.5-7B QLoRA under a 12 GiB cap: the 12 GB recipe (packing into 8,192, Liger, fused LoRA kernels,
 # checkpointing), LoRA dropout 0 for every runner; full-length rows (nothing to pack), then Shakespeare-shaped.
-Q12=($Q/qlora-sft-12gb.yaml --cap-gib 12 --set lora_dropout=0)
+Q12=("$Q/qlora-sft-12gb.yaml" --cap-gib 12 --set lora_dropout=0)
 # --profile: one extra, untimed step per runner under torch.profiler (top kernels in each record): where Loft loses.
 want qwen-full && bench vs-qwen7b-qlora-12gb-full "${Q12[@]}" --data full "${TIMED[@]}" "${PEERS[@]}" --profile
 want qwen-packed && bench vs-qwen7b-qlora-12gb-packed "${Q12[@]}" "${TIMED[@]}" "${PEERS[@]}"
 
 # Llama-3.1-8B bf16 LoRA, 2 x 4,096 full-length rows per step, no checkpointing, under the recipe's 80 GB card.
-B80=($L/lora-bf16-80gb.yaml --data full --cap-gib 80 --set gradient_accumulation_steps=1)
+B80=("$L/lora-bf16-80gb.yaml" --data full --cap-gib 80 --set gradient_accumulation_steps=1)
 want llama-bf16 && bench vs-llama8b-lora-bf16-full "${B80[@]}" "${TIMED[@]}" "${PEERS[@]}" --profile
 
 # Qwen2.5-7B DPO QLoRA, full-length 2,048-token pairs, 2 pairs per step, under 11 GiB. Unsloth with its opt-in
@@ -65,9 +65,10 @@ want long-trl && longest trl 12288 16384 20480
 want long-loft && longest loft 32768 36864 40960
 
 # Loft's levers where it lost (full-length rows), Loft alone, 20 steps, against the unchanged recipe on the same
-# rows. Cut cross-entropy through Loft's plugin (training/cce.py): Axolotl's own needs its git fork of the package.
+# rows. Cut cross-entropy through Loft's plugin (training/plugins/cce.py): Axolotl's own needs its git fork of the
+# package.
 lever() { local name="$1"; shift; bench "lever-$name" "$@" "${LEVER[@]}"; }
-CCE=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.cce.CutCrossEntropyPlugin]"
+CCE=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.cce.CutCrossEntropyPlugin]"
      --set liger_fused_linear_cross_entropy=false)
 QF=("${Q12[@]}" --data full)
 if want levers-qwen-a; then
