@@ -16,7 +16,7 @@ Writes benchmarks/results/merge-vs-axolotl-<date>.json; benchmarks/MERGE.md summ
   3. seed_failure the demo adapter merged onto a dequantised NF4 copy of its base (what a pre-quantized
                   -bnb-4bit checkpoint becomes when "un-quantized"), naively and through loft's verification.
   4. bounds       correct merges in fp32/fp16/bf16 and five deliberately broken bf16 merges against loft's
-                  verification bounds (the numbers behind THRESHOLDS in training/merge.py).
+                  verification bounds (the numbers behind THRESHOLDS in training/merging/verify.py).
 """
 
 import argparse
@@ -34,7 +34,13 @@ from pathlib import Path
 
 import yaml
 
-from training import merge as m
+from training.merge import merge
+from training.merging import sources
+from training.merging.plan import layout, merged_shards, read_deltas
+from training.merging.qlora_gap import NF4, in_memory_merge
+from training.merging.verify import (THRESHOLDS, MergeRejected, compare, encode, eval_rows, judge, load_merged,
+                                     logprobs, peft_view)
+from training.merging.write import versions
 from training.errors import LoftError
 from training.paths import REPO, RunDir
 
@@ -83,14 +89,14 @@ class Scorer:
     def __init__(self, tokenizer_dir: Path, rows):
         from transformers import AutoTokenizer
 
-        self.encoded = m.encode(AutoTokenizer.from_pretrained(str(tokenizer_dir)), rows)
+        self.encoded = encode(AutoTokenizer.from_pretrained(str(tokenizer_dir)), rows)
 
     def logprobs(self, model):
-        return m.logprobs(model, self.encoded, "cpu")
+        return logprobs(model, self.encoded, "cpu")
 
     def vs(self, reference, model_or_lp) -> dict:
         lp = model_or_lp if isinstance(model_or_lp, list) else self.logprobs(model_or_lp)
-        metrics = m.compare(reference, lp, self.encoded)
+        metrics = compare(reference, lp, self.encoded)
         return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -120,7 +126,7 @@ def median_cost(costs: list[dict]) -> dict:
 
 def lora_section(adapter: Path, recipe: dict, base_dir: Path, scorer: Scorer, work: Path, repeats: int) -> dict:
     """Each tool `repeats` times, interleaved, so a neighbour's load hits both alike; median wall, max RSS."""
-    reference = scorer.logprobs(m.peft_view(base_dir, adapter, "cpu"))
+    reference = scorer.logprobs(peft_view(base_dir, adapter, "cpu"))
     costs = {"loft": [], "loft_verified": [], "axolotl": []}
     for i in range(repeats):
         costs["loft"].append(loft_merge(adapter, work / "loft-lora", work, ["--no-verify"]))
@@ -130,10 +136,10 @@ def lora_section(adapter: Path, recipe: dict, base_dir: Path, scorer: Scorer, wo
     return {
         "reference": "adapter in PEFT, unmerged, fp32, on the full-precision base",
         "loft": {**median_cost(costs["loft"]), "with_verification": median_cost(costs["loft_verified"]),
-                 "fidelity": scorer.vs(reference, m.load_merged(work / "loft-lora", "bf16", "cpu")),
+                 "fidelity": scorer.vs(reference, load_merged(work / "loft-lora", "bf16", "cpu")),
                  "saved_dtype": json.loads((work / "loft-lora" / "config.json").read_text()).get("dtype")},
         "axolotl": {**median_cost(costs["axolotl"]),
-                    "fidelity": scorer.vs(reference, m.load_merged(axolotl_out, "bf16", "cpu")),
+                    "fidelity": scorer.vs(reference, load_merged(axolotl_out, "bf16", "cpu")),
                     "saved_dtype": json.loads((axolotl_out / "config.json").read_text()).get("dtype")},
         "loft_vs_axolotl_tensors": same_tensors(weights(work / "loft-lora"), weights(axolotl_out)),
     }
@@ -159,7 +165,7 @@ def train_qlora(base_dir: Path, base_name: str, data: Path, steps: int, out: Pat
                                              task_type="CAUSAL_LM"))
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     rows = [_json.loads(line)["messages"] for line in data.read_text().splitlines()[: steps * 2]]
-    encoded = m.encode(tok, rows)
+    encoded = encode(tok, rows)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses, start = [], time.time()
     model.train()
@@ -186,26 +192,27 @@ def qlora_section(base_dir: Path, base_name: str, recipe: dict, data: Path, step
     training = train_qlora(base_dir, base_name, data, steps, run.adapter)
     q_recipe = {**recipe, "adapter": "qlora", "load_in_4bit": True}
     run.recipe.write_text(yaml.safe_dump(q_recipe, sort_keys=False))
-    report = m.merge(run.adapter, work / "loft-qlora", dtype="bf16", force=True, progress=False)
+    report = merge(run.adapter, work / "loft-qlora", dtype="bf16", force=True, progress=False)
     gap = report["qlora_gap"]
 
-    quant = m.quant_settings(q_recipe)
-    nf4 = m.NF4(m.layout(base_dir, {}, {})["linear"], quant["quant_type"], quant["double_quant"], quant["blocksize"])
-    training_view = scorer.logprobs(m.peft_view(base_dir, run.adapter, "cpu", nf4=nf4))
+    quant = sources.quant_settings(q_recipe)
+    bare = layout(base_dir, {}, {})
+    nf4 = NF4(bare.linear, quant["quant_type"], quant["double_quant"], quant["blocksize"])
+    training_view = scorer.logprobs(peft_view(base_dir, run.adapter, "cpu", nf4=nf4))
     axolotl_out, axolotl_cost = axolotl_merge(q_recipe, run.adapter, work, "qlora")
     # Why Axolotl's merge sits far from the training view: its NF4 simulation (a) round-trips every 2-D tensor,
     # the embeddings (and so a tied lm_head) included, which bitsandbytes never quantizes in training, and (b) skips
     # double quantization (it reads the key from a DictDefault, whose missing keys are None, not the True default)
     # although Axolotl trains with it. Each cause alone, and both (which reproduces Axolotl's tensors):
-    lay = m.layout(base_dir, {}, {})
-    embeddings = {lay["emb_in"], lay["emb_out"]}
-    plan, full = m.lora_plan(run.adapter, m.read_adapter(run.adapter))
+    embeddings = {bare.emb_in, bare.emb_out}
+    sources.read_adapter(run.adapter)
+    plan = layout(base_dir, *read_deltas(run.adapter))
     axolotl_weights = weights(axolotl_out)
     causes = {}
-    for name, keys, double_quant in (("embeddings also rounded", lay["linear"] | embeddings, True),
-                                     ("no double quantization", lay["linear"], False),
-                                     ("both (Axolotl 0.19)", lay["linear"] | embeddings, False)):
-        merged = m.in_memory_merge(base_dir, plan, full, "bf16", "cpu", m.NF4(keys, "nf4", double_quant))
+    for name, keys, double_quant in (("embeddings also rounded", bare.linear | embeddings, True),
+                                     ("no double quantization", bare.linear, False),
+                                     ("both (Axolotl 0.19)", bare.linear | embeddings, False)):
+        merged = in_memory_merge(plan, "bf16", "cpu", NF4(keys, "nf4", double_quant))
         state = {k: v for k, v in merged.state_dict().items() if k in axolotl_weights}
         causes[name] = {"vs_training_view": scorer.vs(training_view, merged),
                         "tensors_vs_axolotl": same_tensors(state, axolotl_weights)}
@@ -214,7 +221,7 @@ def qlora_section(base_dir: Path, base_name: str, recipe: dict, data: Path, step
         "loft_verification": report["fidelity"],
         "qlora_gap": gap,
         "axolotl_nf4_simulation": {
-            **axolotl_cost, "vs_training_view": scorer.vs(training_view, m.load_merged(axolotl_out, "bf16", "cpu"))},
+            **axolotl_cost, "vs_training_view": scorer.vs(training_view, load_merged(axolotl_out, "bf16", "cpu"))},
         "deq_nf4_merge_variants": causes,
     }
 
@@ -229,17 +236,17 @@ def seed_section(adapter: Path, base_dir: Path, work: Path, eval_path: Path | No
 
     deq = work / "base-dequantised"  # no -nf4 suffix: loft would refuse the name itself
     deq.mkdir()
-    nf4 = m.NF4(m.layout(base_dir, {}, {})["linear"])
-    for name, tensors in m.merged_shards(base_dir, {}, {}, torch.bfloat16, nf4=nf4, progress=False):
+    bare = layout(base_dir, {}, {})
+    for name, tensors in merged_shards(bare, torch.bfloat16, nf4=NF4(bare.linear), progress=False):
         save_file(tensors, str(deq / name), metadata={"format": "pt"})
     for f in base_dir.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy2(f, deq)
-    verified = m.merge(adapter, work / "seed-verified", dtype="bf16", force=True, eval_path=eval_path, progress=False)
+    verified = merge(adapter, work / "seed-verified", dtype="bf16", force=True, eval_path=eval_path, progress=False)
     try:
-        naive = m.merge(adapter, work / "seed-naive", base=str(deq), dtype="bf16", force=True, eval_path=eval_path,
+        naive = merge(adapter, work / "seed-naive", base=str(deq), dtype="bf16", force=True, eval_path=eval_path,
                         progress=False)
-    except m.MergeRejected as err:
+    except MergeRejected as err:
         naive = err.report
     return {"reference": "the adapter on the base it was trained on, PEFT unmerged fp32",
             "naive_merge_onto_dequantised_nf4_base": {"passed": naive["passed"], **naive["fidelity"]},
@@ -251,10 +258,11 @@ def seed_section(adapter: Path, base_dir: Path, work: Path, eval_path: Path | No
 
 def bounds_section(adapter: Path, base_dir: Path, scorer: Scorer) -> dict:
     """Correct merges in each dtype and deliberately broken bf16 merges, scored against the PEFT reference and
-    judged by loft's bounds: the data behind THRESHOLDS in training/merge.py."""
-    reference = scorer.logprobs(m.peft_view(base_dir, adapter, "cpu"))
-    plan, full = m.lora_plan(adapter, m.read_adapter(adapter))
-    nf4 = m.NF4(m.layout(base_dir, {}, {})["linear"])
+    judged by loft's bounds: the data behind THRESHOLDS in training/merging/verify.py."""
+    reference = scorer.logprobs(peft_view(base_dir, adapter, "cpu"))
+    sources.read_adapter(adapter)
+    plan, full = read_deltas(adapter)
+    nf4 = NF4(layout(base_dir, {}, {}).linear)
     scaled = {k: (kind, a, b, s * 2) for k, (kind, a, b, s) in plan.items()}
     cases = {
         "correct, fp32": (plan, "fp32", None),
@@ -268,9 +276,9 @@ def bounds_section(adapter: Path, base_dir: Path, scorer: Scorer) -> dict:
     }
     result = {}
     for name, (case_plan, dtype, case_nf4) in cases.items():
-        model = m.in_memory_merge(base_dir, case_plan, full, dtype, "cpu", case_nf4)
+        model = in_memory_merge(layout(base_dir, case_plan, full), dtype, "cpu", case_nf4)
         metrics = scorer.vs(reference, model)
-        result[name] = {**metrics, "passes_loft_bounds": not m.judge(metrics, m.THRESHOLDS[dtype])}
+        result[name] = {**metrics, "passes_loft_bounds": not judge(metrics, THRESHOLDS[dtype])}
         if name == "correct, bf16":  # the same bf16 weights computed in fp32: how much is weight rounding
             result["correct, bf16 weights, fp32 compute"] = scorer.vs(reference, model.float())
     return result
@@ -290,14 +298,14 @@ def main(argv=None) -> int:
 
     apply_private_env()
     adapter = args.adapter.resolve()
-    adapter_cfg = m.read_adapter(adapter)
+    adapter_cfg = sources.read_adapter(adapter)
     base_name = adapter_cfg["base_model_name_or_path"]
-    base_dir = m.resolve_base(base_name)
-    recipe_path = m.find_recipe(adapter)
+    base_dir = sources.resolve_base(base_name)
+    recipe_path = sources.find_recipe(adapter)
     if recipe_path is None:
         raise LoftError(f"no recipe found for {adapter}; the benchmark needs one for axolotl merge-lora")
     recipe = yaml.safe_load(recipe_path.read_text())
-    rows, source = m.eval_rows(None, recipe)
+    rows, source = eval_rows(None, recipe)
     eval_path = Path(source) if source != "built-in" else None
     scorer = Scorer(adapter if (adapter / "tokenizer_config.json").exists() else base_dir, rows)
 
@@ -306,9 +314,9 @@ def main(argv=None) -> int:
 
     date = datetime.date.today().isoformat()
     result = {"date": date, "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "versions": {**m.versions(), "axolotl": version("axolotl")},
+              "versions": {**versions(), "axolotl": version("axolotl")},
               "adapter": rel(adapter), "base": base_name, "recipe": rel(recipe_path), "eval_rows": len(rows),
-              "eval_source": rel(eval_path) if eval_path else source, "thresholds_bf16": m.THRESHOLDS["bf16"],
+              "eval_source": rel(eval_path) if eval_path else source, "thresholds_bf16": THRESHOLDS["bf16"],
               "load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
     with tempfile.TemporaryDirectory(dir=REPO / "runs", prefix=".merge-bench-") as tmp:
         work = Path(tmp)

@@ -69,6 +69,7 @@ def test_no_import_cycle():
     trees = modules()
     graph = {name: imports(name, tree, set(trees)) for name, tree in trees.items()}
     assert graph["training.train"], "the walker found no imports at all"
+    assert "training.merging.plan" in graph["training.merge"], "the walker does not see sub-packages"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -78,7 +79,7 @@ DECIDED = {"adapter", "load_in_4bit", "load_in_8bit", "rl", "sequence_len", "lig
            "liger_rms_norm", "liger_glu_activation", "cut_cross_entropy", "deepspeed", "fsdp", "fsdp_config"}
 # Reads of those names that are not a recipe: (module, the mapping read, why).
 NOT_A_RECIPE = {
-    ("training.merge", "quant"): "a checkpoint's quantization_config",
+    ("training.merging.sources", "quant"): "a checkpoint's quantization_config",
     ("training.merge", "report"): "the merge report",
     ("benchmarks.speed_figures", "r['data']"): "a benchmark result's data section",
     ("benchmarks.peers.table", "run['data']"): "a benchmark result's data section",

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from training import merge as m
+from training.merging import sources, verify, write
 from training.errors import LoftError
 from training.model import ensure_default_model
 from training.paths import REPO
@@ -113,8 +114,8 @@ def test_shard_merge_equals_peft_merge(bases, linear_adapter, tmp_path):
 
     manifest = json.loads((out / "loft-manifest.json").read_text())
     weights_file = "adapter_model.safetensors"
-    assert manifest["adapter"]["sha256"][weights_file] == m.sha256(linear_adapter / weights_file)
-    assert manifest["base"]["sha256"]["config.json"] == m.sha256(bases[0] / "config.json")
+    assert manifest["adapter"]["sha256"][weights_file] == write.sha256(linear_adapter / weights_file)
+    assert manifest["base"]["sha256"]["config.json"] == write.sha256(bases[0] / "config.json")
     assert manifest["verified"] and manifest["dtype"] == "fp32"
     assert (out / "chat_template.jinja").is_file() and (out / "merge-report.md").read_text().count("PASS") == 1
     assert not partials(tmp_path)
@@ -177,7 +178,7 @@ def test_tied_embeddings_are_untied_and_match_unmerged_peft(bases, tmp_path):
 
 def test_wrong_base_fails_verification_and_the_merge_is_kept_marked(bases, linear_adapter, tmp_path):
     out = tmp_path / "merged"
-    with pytest.raises(m.MergeRejected) as err:
+    with pytest.raises(verify.MergeRejected) as err:
         quiet_merge(linear_adapter, out, base=str(bases[1]))
     assert not out.exists() and not partials(tmp_path)
     kept = tmp_path / "merged.REJECTED"
@@ -194,7 +195,7 @@ def test_wrong_base_fails_verification_and_the_merge_is_kept_marked(bases, linea
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(kept).config.tie_word_embeddings is False
-    with pytest.raises(m.MergeRejected):
+    with pytest.raises(verify.MergeRejected):
         quiet_merge(linear_adapter, out, base=str(bases[1]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.REJECTED"]
 
@@ -292,9 +293,9 @@ def test_prequantized_base_is_refused_in_one_line(bases, linear_adapter, tmp_pat
     assert report["passed"] and "pre-quantized" in report["pairing_note"] and "qlora_gap" in report
 
     with pytest.raises(LoftError, match=r"probably unsloth/llama-3-8b \(a guess"):
-        m.resolve_base("unsloth/llama-3-8b-bnb-4bit")
+        sources.resolve_base("unsloth/llama-3-8b-bnb-4bit")
     with pytest.raises(LoftError, match="probably TheBloke/Llama-2-7B "):
-        m.resolve_base("TheBloke/Llama-2-7B-GPTQ")
+        sources.resolve_base("TheBloke/Llama-2-7B-GPTQ")
 
 
 def test_bf16_bounds_sit_on_the_rounding_floor(tmp_path):
@@ -314,8 +315,8 @@ def test_bf16_bounds_sit_on_the_rounding_floor(tmp_path):
     assert rank4["floor"] == pytest.approx(floor), "the floor is the base's, whatever the adapter"
     assert zero["fidelity"]["kl_mean"] == pytest.approx(floor["kl_mean"], rel=1e-4), "a merge that changes nothing"
     for r in (zero, rank4):
-        assert r["thresholds"]["kl_mean"] == pytest.approx(floor["kl_mean"] + m.THRESHOLDS["bf16"]["kl_mean"])
-        assert r["thresholds"]["ppl_rel"] == pytest.approx(floor["ppl_rel"] + m.THRESHOLDS["bf16"]["ppl_rel"])
+        assert r["thresholds"]["kl_mean"] == pytest.approx(floor["kl_mean"] + verify.THRESHOLDS["bf16"]["kl_mean"])
+        assert r["thresholds"]["ppl_rel"] == pytest.approx(floor["ppl_rel"] + verify.THRESHOLDS["bf16"]["ppl_rel"])
         assert r["fidelity"]["kl_mean"] < 3 * floor["kl_mean"] + 1e-4, "a correct merge is rounding, not error"
-    assert rank4["eval_source"] == "built-in" and rank4["rows"] == len(m.BUILTIN_CHATS)
+    assert rank4["eval_source"] == "built-in" and rank4["rows"] == len(verify.BUILTIN_CHATS)
     assert "rounding floor" in (tmp_path / "merged-rank-4" / "merge-report.md").read_text()

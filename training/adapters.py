@@ -91,7 +91,7 @@ def check_matches(name: str, adapter_dir: Path, base_dir: Path, base_shapes: dic
 
 def recorded_base(name: str, adapter_dir: Path) -> Path:
     """The HF folder the adapter was trained on, from adapter_config.json (a local path or a cached hub id)."""
-    from training.merge import locate
+    from training.merging.sources import locate
 
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
     found = locate(recorded) if recorded else None
