@@ -20,7 +20,7 @@ import yaml
 
 from training.checks import memory
 from training.errors import LoftError
-from training.launcher import Topology, check_devices, command
+from training.launcher import Topology, check_devices, command, environment
 from training.paths import REPO, apply_private_env
 
 apply_private_env()
@@ -235,3 +235,16 @@ def test_bench_speed_adds_every_ranks_tokens_and_keeps_each_peak():
     failed = summarize({**rank(0, 1000, 30.0), "other_ranks": [{"status": "does_not_fit", "error": "OOM"}]},
                        1, 1, 2, None)
     assert failed["status"] == "does_not_fit"  # one rank out of memory: the run does not fit
+
+
+def test_launch_environment_is_private_when_called_from_python(monkeypatch):
+    """train() called from Python (not through `loft`, which sets these in its own process) still launches Axolotl
+    with telemetry off and the hub closed; LOFT_ONLINE=1 opens the hub and nothing else; a user's value stays."""
+    for key in ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK", "HF_HUB_OFFLINE", "WANDB_MODE", "LOFT_ONLINE"):
+        monkeypatch.delenv(key, raising=False)
+    env = environment()
+    assert env["AXOLOTL_DO_NOT_TRACK"] == "1" and env["DO_NOT_TRACK"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("LOFT_ONLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    env = environment()
+    assert "HF_HUB_OFFLINE" not in env and env["AXOLOTL_DO_NOT_TRACK"] == "1" and env["WANDB_MODE"] == "online"

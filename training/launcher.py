@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from training.errors import LoftError
+from training.paths import private_env
 
 DEFAULT_PORT = 29500
 
@@ -66,7 +67,8 @@ def environment(topo: Topology | None = None) -> dict:
     """The launch environment: all CPU threads shared between this host's ranks (accelerate defaults a non-CPU
     launch to one OpenMP thread per process), and CPU ranks on gloo where no GPU is visible."""
     topo = topo or Topology()
-    env = dict(os.environ)
+    # Private even when called from Python rather than through `loft`, which sets these for its own process.
+    env = private_env(dict(os.environ))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // topo.gpus)))
     if topo.world > 1 and visible_gpus() == 0:
         # without it the Trainer of each rank sees no GPU, finds no distributed setup it knows and trains alone

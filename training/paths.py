@@ -102,13 +102,19 @@ OFFLINE_ENV = {
 }
 
 
-def apply_private_env(online: bool = False) -> None:
-    """Set the offline/no-telemetry variables unless the user already chose a value."""
-    online = online or os.environ.get("LOFT_ONLINE") == "1"
+def private_env(env: dict, online: bool = False) -> dict:
+    """env with the offline/no-telemetry variables added wherever the user has not chosen a value."""
+    online = online or env.get("LOFT_ONLINE") == "1"
     for key, value in OFFLINE_ENV.items():
         if online and key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             continue
-        os.environ.setdefault(key, value)
+        env.setdefault(key, value)
+    return env
+
+
+def apply_private_env(online: bool = False) -> None:
+    """Set the offline/no-telemetry variables in this process unless the user already chose a value."""
+    private_env(os.environ, online)
     quiet_import_noise()
 
 
