@@ -11,6 +11,7 @@ validated in tests/test_recipes.py and measured on GPUs by benchmarks/gpu/multig
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,8 @@ def test_the_refused_fsdp_settings_fail_where_the_doctor_says():
 # ---------------------------------------------------------------- one real 2-process run on this CPU
 @pytest.mark.slow
 def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
-    """`loft train --gpus 2` on the demo recipe: 2 steps of real DDP on gloo, then `loft merge` of its adapter.
+    """`loft train --gpus 2` on the demo recipe: 2 steps of real DDP on gloo, `--resume` on 2 ranks to step 3, then
+    `loft merge` of its adapter.
 
     The guard is made to find something on purpose (G004's learning-rate floor set above the learning rate, in
     warn mode, judged from step 1): both ranks see it, exactly one report must appear, and training goes on."""
@@ -245,8 +247,9 @@ def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
     cmd = [sys.executable, "-m", "training.cli", "train", "recipes/smollm2-135m/lora-cpu.yaml", "--gpus", "2",
            "--name", name, "--no-check"] + [x for o in overrides for x in ("--set", o)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     run_dir = REPO / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's checkpoints would be resumed or counted
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     log = (run_dir / "train.log").read_text(errors="replace")
 
@@ -256,6 +259,19 @@ def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
     assert log.count("loft guard: G004") == 1, "the guard must report once, from rank 0"
     health = json.loads((run_dir / "adapter" / "health.json").read_text())
     assert health["status"] == "warned" and health["step"] == 2
+
+    # The run ended with checkpoint-2 (save_strategy steps saves at the last step): --resume on 2 ranks with one
+    # more step must load it on both and go on from step 2, not start over.
+    resume = [x if x != "max_steps=2" else "max_steps=3" for x in cmd] + ["--resume"]
+    proc = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    resumed = (run_dir / "train.log").read_text(errors="replace")[len(log):]
+    assert "loft train --resume" in resumed and '"world_size": 2' in resumed
+    assert "resume from checkpoint at" in resumed, "Axolotl resumed from the saved checkpoint"
+    new_losses = re.findall(r"\{'loss': '([\d.]+)'", resumed)
+    assert len(new_losses) == 1, f"one step (3) after resuming at step 2, got {new_losses}"  # 3 if it started over
+    state = json.loads((run_dir / "adapter" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
 
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
