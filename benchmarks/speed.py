@@ -238,10 +238,10 @@ def invocation() -> str:
 
 
 def estimated_gib(cfg: dict, gpus: int = 1) -> float | None:
-    """training/memory.py's estimate of peak allocated GiB (per GPU) for this exact config, to calibrate it against;
+    """training/checks/memory.py's estimate of peak allocated GiB (per GPU) for this exact config, to calibrate it against;
     the same arithmetic `loft doctor --gpus N` prints."""
     try:
-        from training.memory import estimate_recipe
+        from training.checks.memory import estimate_recipe
     except ImportError:
         return None
     est = estimate_recipe(cfg, world=gpus)

@@ -7,7 +7,8 @@ is a Hugging Face Trainer, so one TrainerCallback measures them all:
     Forwards under no_grad (DPO's reference pass, evaluation) are not training work and are not counted;
     gradient-checkpointing recomputation re-runs decoder layers, never the embedding, so it is not counted twice.
   * time: a CUDA-synchronised wall clock at the start of training and at the end of every optimizer step.
-  * memory: torch's peak allocated and reserved bytes over the whole process (model loading included).
+  * memory: torch's peak allocated and reserved bytes over the whole process (model loading included) and since
+    training began, as training/plugins/peak.py measures them for the health guard too.
 
 The callback writes raw marks to a JSON file; benchmarks/speed.py turns them into tokens/s (see `throughput`).
 In an Axolotl run the same callback arrives through SpeedPlugin (listed under `plugins:` in the resolved
@@ -23,18 +24,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-GIB = 2**30
+from training.plugins.peak import GIB, PROBE, local_device
 
 # Environment the harness sets for an Axolotl child process (SpeedPlugin reads it there).
 ENV_OUT = "LOFT_SPEED_OUT"
 ENV_CAP = "LOFT_SPEED_CAP_GIB"
 ENV_PAD = "LOFT_SPEED_PAD_ID"
 ENV_PROFILE_STEP = "LOFT_SPEED_PROFILE_STEP"
-
-
-def local_device() -> int:
-    """This rank's GPU: LOCAL_RANK under accelerate/torchrun, 0 in a single process."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def rank_path(path: str | Path) -> Path:
@@ -52,32 +48,9 @@ def apply_cap(cap_gib: float | None) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
 
 
-_reset_peak = torch.cuda.reset_peak_memory_stats
-
-
-def keep_peaks() -> None:
-    """Axolotl resets torch's peak counters at every memory log (axolotl.utils.bench.gpu_memory_usage_all);
-    make that a no-op here, so both runners' peaks cover the same span: the whole process."""
-    torch.cuda.reset_peak_memory_stats = lambda device=None: None
-    torch.cuda.memory.reset_peak_memory_stats = torch.cuda.reset_peak_memory_stats
-
-
 def is_oom(exc: BaseException) -> bool:
     """torch raises OutOfMemoryError; bitsandbytes and some kernels raise a RuntimeError that says so."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def memory(load_peaks: tuple[int, int] = (0, 0)) -> dict:
-    """Peak allocated/reserved GiB of the whole process, and of training alone (since train begin)."""
-    if not torch.cuda.is_available():
-        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
-    alloc, res = torch.cuda.max_memory_allocated(local_device()), torch.cuda.max_memory_reserved(local_device())
-    return {
-        "peak_allocated_gib": round(max(alloc, load_peaks[0]) / GIB, 3),
-        "peak_reserved_gib": round(max(res, load_peaks[1]) / GIB, 3),
-        "train_peak_allocated_gib": round(alloc / GIB, 3),
-        "train_peak_reserved_gib": round(res / GIB, 3),
-    }
 
 
 def device_name() -> str:
@@ -92,7 +65,8 @@ def write(path: str | Path, record: dict) -> None:
 def does_not_fit(path: str | Path, runner: str, cap_gib: float | None, exc: BaseException,
                  meta: dict | None = None) -> dict:
     record = {"runner": runner, "status": "does_not_fit", "cap_gib": cap_gib, "device": device_name(),
-              "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__, **memory(), **(meta or {})}
+              "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__, **PROBE.record(),
+              **(meta or {})}
     write(path, record)
     return record
 
@@ -147,17 +121,13 @@ class SpeedCallback(TrainerCallback):
         self.marks: list[tuple[float, int]] = []
         self.profiler = None
         self.top_kernels = None
-        self.load_peaks = (0, 0)
         self.meta = meta or {}
         self.losses: list[float] = []  # logged train loss per step (averaged over ranks by the Trainer)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.counter.attach(model)
         _sync()
-        if torch.cuda.is_available():  # what loading took; training's own peak starts here
-            self.load_peaks = (torch.cuda.max_memory_allocated(local_device()),
-                               torch.cuda.max_memory_reserved(local_device()))
-            _reset_peak(local_device())
+        PROBE.start_training()  # what loading took; training's own peak starts here
         self.marks = [(time.perf_counter(), self.counter.value())]
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -184,7 +154,7 @@ class SpeedCallback(TrainerCallback):
     def record(self) -> dict:
         return {"runner": self.runner, "status": "ok", "cap_gib": self.cap_gib, "device": device_name(),
                 "torch": torch.__version__, "marks": self.marks, "losses": self.losses,
-                "top_kernels": self.top_kernels, **memory(self.load_peaks), **self.meta}
+                "top_kernels": self.top_kernels, **PROBE.record(), **self.meta}
 
 
 def top_kernels(prof, table_path: Path, n: int = 15) -> list[dict]:
@@ -206,9 +176,10 @@ def callback_from_env(runner: str = "loft") -> SpeedCallback:
 
 
 def measure(args, runner: str, build_trainer, meta: dict) -> int:
-    """A runner's whole measurement: peaks over the process, the memory cap, the callback, and an out-of-memory
-    error recorded as "does not fit" (any other error propagates: the harness reports it with the log)."""
-    keep_peaks()
+    """A runner's whole measurement: peaks over the process (the shared probe), the memory cap, the callback, and
+    an out-of-memory error recorded as "does not fit" (any other error propagates: the harness reports it with the
+    log)."""
+    PROBE.watch()
     apply_cap(args.cap_gib)
     callback = SpeedCallback(args.out, runner, args.pad_id, cap_gib=args.cap_gib, profile_step=args.profile_step,
                              meta=meta)
@@ -246,7 +217,7 @@ class SpeedPlugin(BasePlugin):
         if ENV_OUT not in os.environ:
             return
         cap = os.environ.get(ENV_CAP)
-        keep_peaks()
+        PROBE.watch()
         apply_cap(float(cap) if cap else None)
         install_oom_hook(os.environ[ENV_OUT], "loft", float(cap) if cap else None)
 

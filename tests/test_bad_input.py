@@ -573,7 +573,7 @@ DOCTOR_CASES = {
     "learning rate 0": (lambda t: [str(DEMO), "--set", "learning_rate=0"], "LOFT-L203", r"learning_rate is 0"),
     "missing dataset": (lambda t: [str(DEMO), "--set", f"datasets.0.path={t / 'gone.jsonl'}"], "LOFT-D1",
                         r"gone.jsonl"),
-    "bad plugin": (lambda t: [str(recipe_file(t, DEMO.read_text().replace("training.guard.HealthGuardPlugin",
+    "bad plugin": (lambda t: [str(recipe_file(t, DEMO.read_text().replace("training.plugins.guard.HealthGuardPlugin",
                                                                            "nope.Plugin")))], "LOFT-E005", r"nope.Plugin"),
 }
 

@@ -1,12 +1,12 @@
-"""training/cce.py on the CPU: the patched causal-LM forward returns exactly the loss (and gradients) transformers
-computes, with and without the trainer's num_items_in_batch, and the plugin refuses what it cannot serve. The
-cut-cross-entropy kernel itself is Triton on CUDA: on the CPU the plain fp32 loss stands in for it."""
+"""training/plugins/cce.py on the CPU: the patched causal-LM forward returns exactly the loss (and gradients)
+transformers computes, with and without the trainer's num_items_in_batch, and the plugin refuses what it cannot serve.
+The cut-cross-entropy kernel itself is Triton on CUDA: on the CPU the plain fp32 loss stands in for it."""
 
 import pytest
 import torch
 
 from benchmarks import speed
-from training import cce
+from training.plugins import cce
 
 
 @pytest.fixture

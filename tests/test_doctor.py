@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import arch, doctor, lints, memory
+from benchmarks import calibration
+from training import arch, doctor
+from training.checks import lints, memory
+from training.checks.report import Finding, key_lines
 from training.errors import LoftError
 from training.paths import REPO, apply_private_env
 
@@ -64,15 +67,15 @@ def make(tmp_path: Path, data: Path, rows: str = "train200.jsonl", **changes) ->
     return path
 
 
-def findings(path: Path, gpu: str | None = None, data: bool = True) -> dict[str, list[doctor.Finding]]:
-    out: dict[str, list[doctor.Finding]] = {}
+def findings(path: Path, gpu: str | None = None, data: bool = True) -> dict[str, list[Finding]]:
+    out: dict[str, list[Finding]] = {}
     for f in doctor.diagnose(path, gpu, data=data).findings:
         out.setdefault(f.code, []).append(f)
     assert "LOFT-X001" not in out, out["LOFT-X001"][0].reason  # the doctor itself must never crash
     return out
 
 
-def only(found: dict, code: str, severity: str) -> doctor.Finding:
+def only(found: dict, code: str, severity: str) -> Finding:
     assert code in found, f"{code} missing; got {sorted(found)}"
     f = found[code][0]
     assert f.severity == severity and f.fix, f
@@ -129,7 +132,7 @@ def test_wrong_types_are_reported_per_key_with_line(tmp_path, data):
     keys = {f.reason.split("`")[1]: f for f in found["LOFT-E003"]}
     assert set(keys) == {"micro_batch_size", "learning_rate"}
     assert "'two'" in keys["micro_batch_size"].reason and keys["micro_batch_size"].where.endswith(
-        f":{doctor.key_lines(make(tmp_path, data, micro_batch_size='two').read_text())['micro_batch_size']}")
+        f":{key_lines(make(tmp_path, data, micro_batch_size='two').read_text())['micro_batch_size']}")
 
 
 def test_axolotl_rules_come_through(tmp_path, data):
@@ -145,7 +148,7 @@ def test_unloadable_plugin(tmp_path, data):
 def test_guard_keys_need_the_guard_plugin(tmp_path, data):
     keys = {"loft_guard_grad_zero_steps": 5}
     assert "LOFT-E002" in findings(make(tmp_path, data, plugins=DROP, **keys), data=False)
-    with_plugin = make(tmp_path, data, plugins=["training.guard.HealthGuardPlugin"], **keys)
+    with_plugin = make(tmp_path, data, plugins=["training.plugins.guard.HealthGuardPlugin"], **keys)
     assert findings(with_plugin, data=False) == {}
 
 
@@ -337,7 +340,7 @@ def test_missing_quantization_and_kernel_packages(tmp_path, data, monkeypatch):
 def test_estimator_matches_measured_peaks():
     """Every Axolotl run committed from the GPU host within ±10%, at least 8 of them from
     `loft doctor --measure`; the TRL-only runs (another runner, row lengths not recorded) within 30%."""
-    rows = memory.calibration_table()
+    rows = calibration.calibration_table()
     for row in rows:
         limit = 30 if row["caveat"] else 10
         assert abs(row["error_pct"]) <= limit, row
@@ -346,9 +349,9 @@ def test_estimator_matches_measured_peaks():
 
 def test_memory_md_holds_the_current_calibration():
     text = (REPO / "benchmarks" / "MEMORY.md").read_text()
-    for row in memory.calibration_table():
+    for row in calibration.calibration_table():
         assert f"| {row['run']} | {row['estimate_gib']} | {row['measured_gib']} | {row['error_pct']:+.1f}% |" in text, \
-            f"benchmarks/MEMORY.md is stale: regenerate it with `python -m training.memory` ({row['run']})"
+            f"benchmarks/MEMORY.md is stale: regenerate it with `python -m benchmarks.calibration` ({row['run']})"
 
 
 def test_architecture_lookup_by_name():
@@ -393,14 +396,15 @@ def test_verdicts_and_the_cheapest_change_that_fits(tmp_path, data):
 
 def test_dpo_at_2048_on_12gb_needs_loft_dpo_trainer(tmp_path, data):
     """TRL's full-vocabulary logits (policy and reference) do not fit 12 GB at 2,048 tokens; the chunked LM head of
-    training/dpo.py does (measured: 7.51 GiB training peak on the H100 at an 11 GiB cap, benchmarks/RESULTS.md)."""
+    training/plugins/dpo.py does (measured: 7.51 GiB training peak on the H100 at an 11 GiB cap,
+    benchmarks/RESULTS.md)."""
     dpo = dict(base_model=QWEN7, adapter="qlora", load_in_4bit=True, bf16=True, optimizer="paged_adamw_8bit",
                rl="dpo", sequence_len=2048, micro_batch_size=1, gradient_checkpointing=True,
                embeddings_skip_upcast=True)
     report = doctor.diagnose(make(tmp_path, data, **dpo), "rtx5070-12gb", data=False)
     assert report.memory["verdict"] == "does not fit"
-    assert report.memory["cheapest_fit"]["overrides"] == {"trainer_cls": "training.dpo.LoftDPOTrainer"}
-    chunked = memory.estimate_recipe({**dpo, "trainer_cls": "training.dpo.LoftDPOTrainer"})
+    assert report.memory["cheapest_fit"]["overrides"] == {"trainer_cls": "training.plugins.dpo.LoftDPOTrainer"}
+    chunked = memory.estimate_recipe({**dpo, "trainer_cls": "training.plugins.dpo.LoftDPOTrainer"})
     assert chunked.allocated < 0.6 * report.memory["allocated_gib"]
 
 
@@ -433,7 +437,7 @@ def test_measure_needs_a_gpu(tmp_path, data):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: --measure runs for real (see training/measure.py)")
+        pytest.skip("this machine has a GPU: --measure runs for real (see training/checks/measure.py)")
     proc = doctor_cmd(make(tmp_path, data), "--measure")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("loft doctor: error: --measure needs a CUDA GPU")
@@ -443,12 +447,12 @@ def test_measure_recipe_is_one_axolotl_accepts(tmp_path):
     """--measure itself needs a GPU; the recipe it hands Axolotl for each shipped SFT and DPO recipe passes
     Axolotl's validation (a dropped save_steps once made every real recipe fail on the GPU host)."""
     from training import recipe as recipes
-    from training.measure import measurement_recipe
+    from training.checks.measure import measurement_recipe
 
     for name in ("qwen2.5-7b/qlora-sft-8gb.yaml", "qwen2.5-7b/dpo-qlora-12gb.yaml", "llama-3.1-8b/lora-bf16-80gb.yaml"):
         cfg = recipes.load(REPO / "recipes" / name)
         run = measurement_recipe(cfg, tmp_path / "model", tmp_path, steps=3)
-        assert run["max_steps"] == 3 and "training.guard.HealthGuardPlugin" in run["plugins"]
+        assert run["max_steps"] == 3 and "training.plugins.guard.HealthGuardPlugin" in run["plugins"]
         assert run["datasets"][0]["path"] != cfg["datasets"][0]["path"]
         path = tmp_path / "measure.yaml"
         path.write_text(yaml.safe_dump(run))

@@ -1,4 +1,4 @@
-"""training/dpo.py's chunked log-probs against TRL's own DPO loss: same loss, same gradients, same metrics.
+"""training/plugins/dpo.py's chunked log-probs against TRL's own DPO loss: same loss, same gradients, same metrics.
 
 TRL 1.9's DPOTrainer._compute_loss is the oracle: both methods run on one trainer object (a tiny random Llama with
 a LoRA adapter, the reference = adapter disabled), on the same padded batch of prompt + completion pairs.
@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
-from training import dpo  # noqa: E402
+from training.plugins import dpo  # noqa: E402
 
 VOCAB = 300
 

@@ -1,7 +1,7 @@
 """Health guard: real Axolotl training runs that go wrong the way real runs do, each stopped with a diagnosis.
 
 Every run trains a tiny random Llama (hidden 64, 2 layers, the embedded SmolLM2 tokenizer) on real Shakespeare
-chat rows for up to 60 steps with `plugins: [training.guard.HealthGuardPlugin]`. A not-learning run must be
+chat rows for up to 60 steps with `plugins: [training.plugins.guard.HealthGuardPlugin]`. A not-learning run must be
 stopped within the first tenth of its steps (by step 6). The clean run goes through the plain
 `accelerate launch -m axolotl.cli.train` launcher (what a user runs without Loft); the others run one after
 another in a single Python process (axolotl.cli.train.do_cli, the function that launcher calls) to pay for
@@ -77,7 +77,7 @@ def recipe(work: Path, name: str, base: Path, data: Path, **changes) -> Path:
         "learning_rate": 0.01, "lr_scheduler": "cosine", "warmup_steps": 3, "max_grad_norm": 1.0,
         "optimizer": "adamw_torch", "bf16": False, "fp16": False, "tf32": False, "seed": 42,
         "output_dir": str(work / name), "logging_steps": 1, "save_strategy": "no",
-        "plugins": ["training.guard.HealthGuardPlugin"],
+        "plugins": ["training.plugins.guard.HealthGuardPlugin"],
     }
     if changes.pop("eval", False):
         cfg["test_datasets"] = [{"path": str(data / "eval8.jsonl"), "split": "train", **chat}]
@@ -175,7 +175,7 @@ def test_overfitting_stops_and_names_the_best_step(runs):
 
 # ---------------------------------------------------------------- the callback alone (no training)
 def feed(losses, lr=1e-3, warmup=4, max_steps=40, **settings):
-    from training.guard import HealthGuardCallback
+    from training.plugins.guard import HealthGuardCallback
 
     cb = HealthGuardCallback(settings, lr, "/nonexistent")
     cb.max_steps, cb.warmup_steps = max_steps, warmup
@@ -204,17 +204,24 @@ def test_thresholds_come_from_the_recipe():
     assert feed([5.0, 4.0, 3.0, 2.0] * 10, max_steps=400) is None  # judged only after 10% of 400 steps
 
 
-def test_peak_memory_survives_axolotl_resets(monkeypatch):
-    """Axolotl resets torch's peak counters at every memory log; the guard's peak must still be the run's peak
-    (on the GPU host every --measure once read 5.42 GiB: the peak since Axolotl's last reset). Fake counters."""
+def test_peak_memory_survives_axolotl_resets(monkeypatch, tmp_path):
+    """Axolotl resets torch's peak counters at every memory log; the peaks must still be the run's (on the GPU host
+    every --measure once read 5.42 GiB: the peak since Axolotl's last reset). The guard and `loft bench speed` read
+    one probe, so both report the same peaks and the second to see training start does not restart it. Fake
+    counters."""
     import torch
 
-    from training.guard import HealthGuardCallback
+    from benchmarks.speed_probe import SpeedCallback
+    from training.plugins.guard import HealthGuardCallback
+    from training.plugins.peak import GIB, PROBE
 
-    counters = {"alloc": 3 * 2**30, "res": 4 * 2**30}
+    counters = {"alloc": 2 * GIB, "res": 3 * GIB}
 
     def reset(device=None):
-        counters["alloc"], counters["res"] = 2**30, 2**30
+        counters["alloc"], counters["res"] = GIB, GIB
+
+    def use(alloc, res):
+        counters["alloc"], counters["res"] = max(counters["alloc"], alloc * GIB), max(counters["res"], res * GIB)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
@@ -222,11 +229,27 @@ def test_peak_memory_survives_axolotl_resets(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: counters["res"])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
     monkeypatch.setattr(torch.cuda.memory, "reset_peak_memory_stats", reset)
-    guard = HealthGuardCallback.__new__(HealthGuardCallback)
-    guard._reset_cuda_peak()  # train begin: the loading peak is kept apart
-    assert guard.load_peak == 3 and counters["alloc"] == 2**30
-    counters["alloc"], counters["res"] = 9 * 2**30, 10 * 2**30  # a training step's peak ...
+    monkeypatch.setattr(PROBE, "folded", [0, 0])
+    monkeypatch.setattr(PROBE, "load", None)
+
+    PROBE.watch()  # the guard plugin's register(), before the model loads
+    use(5, 6)  # loading's peak ...
+    torch.cuda.reset_peak_memory_stats(0)  # ... then Axolotl logs memory after loading the model
+    use(3, 6)
+    guard = HealthGuardCallback({}, 1e-4, str(tmp_path))
+    run = type("Run", (), {"max_steps": 10, "get_warmup_steps": lambda self, n: 0})()
+    guard.on_train_begin(run, run, None)  # train begin: loading's peak is kept apart, training's counted from here
+    assert PROBE.load == (5 * GIB, 6 * GIB) and counters["alloc"] == GIB
+    use(4, 4)
+    PROBE.start_training()  # the speed callback's train begin, in the same process: changes nothing
+    assert PROBE.load == (5 * GIB, 6 * GIB) and counters["alloc"] == 4 * GIB
+    use(9, 10)  # a training step's peak ...
     torch.cuda.reset_peak_memory_stats(0)  # ... then Axolotl's memory log resets the counters
-    counters["alloc"] = 5 * 2**30
+    use(5, 5)
+
     mem = guard._memory()
-    assert mem["peak_allocated_gib"] == 9 and mem["peak_reserved_gib"] == 10 and mem["load_peak_allocated_gib"] == 3
+    assert mem["device"] == "fake GPU"
+    assert (mem["peak_allocated_gib"], mem["train_peak_allocated_gib"], mem["load_peak_allocated_gib"]) == (9, 9, 5)
+    assert (mem["peak_reserved_gib"], mem["train_peak_reserved_gib"], mem["load_peak_reserved_gib"]) == (10, 10, 6)
+    speed = SpeedCallback(tmp_path / "speed.json", "loft", pad_id=0).record()
+    assert {k: speed[k] for k in mem} == mem  # one definition of "measured peak" for both

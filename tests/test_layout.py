@@ -157,3 +157,23 @@ def test_no_tracker_shorthand_in_code_or_recipes():
     found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in paths
              for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if SHORTHAND.search(line)]
     assert not found, "say it in plain words:\n" + "\n".join(found)
+
+
+def test_recipes_name_loft_code_only_under_training_plugins():
+    """A dotted path a recipe hands Axolotl (`plugins:`, `trainer_cls:`) is public API: it lives in training/plugins/
+    and names a class that is there (checked on the source, without importing Axolotl)."""
+    import yaml
+
+    named = []
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        dotted = [*(cfg.get("plugins") or []), cfg.get("trainer_cls")]
+        named += [(path.relative_to(REPO), d) for d in dotted if isinstance(d, str) and d.startswith("training.")]
+    assert named, "no recipe names Loft's own code: the guard should be listed"
+    trees = modules()
+    for path, dotted in named:
+        module, _, cls = dotted.rpartition(".")
+        assert module.startswith("training.plugins."), f"{path}: {dotted} is outside training.plugins"
+        assert module in trees, f"{path}: {dotted}: no module {module}"
+        defined = {n.name for n in trees[module].body if isinstance(n, ast.ClassDef)}
+        assert cls in defined, f"{path}: {dotted}: {module} defines no class {cls}"

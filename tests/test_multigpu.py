@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import memory
+from training.checks import memory
 from training.errors import LoftError
 from training.launcher import Topology, check_devices, command
 from training.paths import REPO, apply_private_env
@@ -61,7 +61,7 @@ def test_two_nodes_command(rank, tmp_path, capsys):
                         "2", "--machine_rank", str(rank), "--main_process_ip", "10.0.0.1", "--main_process_port",
                         "29600", "-m", "axolotl.cli.train", f"runs/ci-multinode-{rank}/recipe.yaml"]
     resolved = yaml.safe_load((REPO / line[-1]).read_text())
-    assert "training.guard.HealthGuardPlugin" in resolved["plugins"]  # every rank runs the guard
+    assert "training.plugins.guard.HealthGuardPlugin" in resolved["plugins"]  # every rank runs the guard
 
 
 @pytest.mark.parametrize("topo,message", [

@@ -406,7 +406,7 @@ def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
     to the next class's step. If Axolotl drops that cleanup upstream, the second assert says so."""
     from axolotl.core.trainers.dpo import trainer as axolotl_dpo
 
-    from training.dpo import LoftDPOTrainer
+    from training.plugins.dpo import LoftDPOTrainer
 
     calls = []
     monkeypatch.setattr(axolotl_dpo.gc, "collect", lambda *a: calls.append("gc.collect"))
@@ -422,15 +422,16 @@ def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
 
 @pytest.mark.slow
 def test_loft_dpo_trainer_trains_the_dpo_recipe(tiny_models, tmp_path):
-    """`trainer_cls: training.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU through Axolotl,
+    """`trainer_cls: training.plugins.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU through Axolotl,
     rewards logged, the chunked log-probs in use (tests/test_dpo.py checks them against TRL's)."""
     path = RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml"
     run_dir = tmp_path / "run"
-    cfg = recipes.apply_overrides(cpu_config(path, tiny_models, run_dir), ["trainer_cls=training.dpo.LoftDPOTrainer"])
+    cfg = recipes.apply_overrides(cpu_config(path, tiny_models, run_dir),
+                                  ["trainer_cls=training.plugins.dpo.LoftDPOTrainer"])
     launch(recipes.write(cfg, run_dir, path), run_dir / "train.log")
     logged = scalars(run_dir)
     assert [step for step, _ in logged.get("train/loss", [])][-1:] == [2], f"see {run_dir / 'train.log'}"
     assert logged.get("train/rewards/margins")
     log = (run_dir / "train.log").read_text(errors="replace")
     assert "loft: LoftDPOTrainer" in log, "trainer_cls not used"
-    assert "LM head in chunks of" in log, "the chunked log-probs (training/dpo.py) fell back to TRL's"
+    assert "LM head in chunks of" in log, "the chunked log-probs (training/plugins/dpo.py) fell back to TRL's"

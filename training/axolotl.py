@@ -20,7 +20,7 @@ from training.errors import LoftError
 from training.launcher import Topology, command, environment
 from training.paths import REPO, RUNS
 
-GUARD = "training.guard.HealthGuardPlugin"
+GUARD = "training.plugins.guard.HealthGuardPlugin"
 
 
 def launch(resolved: Path, log_path: Path | None = None, resume: bool = False,

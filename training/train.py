@@ -19,7 +19,7 @@ from training.paths import REPO, RunDir
 HELP = "Doctor a recipe, then train it with Axolotl and the health guard into runs/<name>/ (--set key=value)."
 EXAMPLE = ("loft train recipes/smollm2-135m/lora-cpu.yaml --set max_steps=10 --name quick\n"
            "         loft train recipes/llama-3.1-8b/lora-bf16-ddp-80gb.yaml --gpus 2")
-CPU_RANKS = "training.cpu_ranks.CPURanksPlugin"
+CPU_RANKS = "training.plugins.cpu_ranks.CPURanksPlugin"
 
 
 def train(recipe: Path, name: str | None = None, overrides: list[str] | None = None, check: bool = True,
@@ -40,7 +40,7 @@ def train(recipe: Path, name: str | None = None, overrides: list[str] | None = N
               "stopped); starting from step 0", file=sys.stderr)
     if GUARD not in (cfg.get("plugins") or []):
         cfg["plugins"] = [*(cfg.get("plugins") or []), GUARD]
-    if note:  # ranks without a GPU: their models go to the CPU (training/cpu_ranks.py)
+    if note:  # ranks without a GPU: their models go to the CPU (training/plugins/cpu_ranks.py)
         cfg["plugins"].append(CPU_RANKS)
     resolved = recipes.write(cfg, run_dir, recipe)
     if print_only:

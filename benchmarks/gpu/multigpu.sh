@@ -8,7 +8,7 @@
 # only if packing fails or the command is killed first).
 # Every measurement is `loft bench speed` (benchmarks/speed.py): a random-initialised model of the real
 # architecture, synthetic rows, tokens/s over the timed steps counted on every rank, peaks per GPU, and
-# training/memory.py's per-GPU estimate for the same config (what `loft doctor --gpus N` prints). Each run is
+# training/checks/memory.py's per-GPU estimate for the same config (what `loft doctor --gpus N` prints). Each run is
 # independent and its JSON is copied to $OUT as soon as it ends; $OUT/multigpu.json gathers them after each run.
 #
 #   mg-lora8b-1gpu / -2gpu   lora-bf16-ddp-80gb.yaml on 1 GPU (accum 4) and 2 GPUs (accum 2): the same 8 packed
@@ -94,15 +94,15 @@ print({k: v for k, v in report.items() if k != "runs"})
 PY
 }
 
-# The random models, built once (training/measure.py): the 32B one on GPU 1 in the background.
-python3 -c "from training.measure import word_tokenizer; word_tokenizer()" 2>&1 | tail -2
+# The random models, built once (training/axolotl.py): the 32B one on GPU 1 in the background.
+python3 -c "from training.axolotl import word_tokenizer; word_tokenizer()" 2>&1 | tail -2
 if wanted mg-lora8b-1gpu mg-lora8b-2gpu mg-full8b-cap80; then
-  python3 -c "from benchmarks.speed import resolve_arch; from training.measure import random_model; \
+  python3 -c "from benchmarks.speed import resolve_arch; from training.axolotl import random_model; \
 random_model(*resolve_arch('meta-llama/Llama-3.1-8B-Instruct'))" 2>&1 | tail -2
 fi
 build32=""
 if wanted mg-qlora32b-cap24 mg-qlora32b-fsdp1-cap24 mg-qlora32b-fsdp1-nocap; then
-  CUDA_VISIBLE_DEVICES=1 python3 -c "from benchmarks.speed import resolve_arch; from training.measure import \
+  CUDA_VISIBLE_DEVICES=1 python3 -c "from benchmarks.speed import resolve_arch; from training.axolotl import \
 random_model; random_model(*resolve_arch('Qwen/Qwen2.5-32B-Instruct'))" >"$OUT/build-32b.log" 2>&1 &
   build32=$!
   echo "=== building the random Qwen2.5-32B on GPU 1 in the background ($SECONDS s)"

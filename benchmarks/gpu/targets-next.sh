@@ -9,15 +9,15 @@ L=recipes/llama-3.1-8b
 LIGER=(--set "plugins=[axolotl.integrations.liger.LigerPlugin]" --set liger_rms_norm=true --set liger_rope=true)
 
 # Target 3: DPO at 2,048 tokens inside 11 GiB. Both runners overflowed 11 GiB in the loss (TRL: a pair's fp32
-# logits; Liger's fused DPO loss: still one pair per chunk). LoftDPOTrainer (training/dpo.py) runs the LM head on
-# completion tokens only, a few hundred at a time, and skips Axolotl's per-micro-batch gc/empty_cache. The
+# logits; Liger's fused DPO loss: still one pair per chunk). LoftDPOTrainer (training/plugins/dpo.py) runs the LM head
+# on completion tokens only, a few hundred at a time, and skips Axolotl's per-micro-batch gc/empty_cache. The
 # baseline runs uncapped (it needs ~17 GiB at 2,048): its speed is the bar.
 bench t3-qwen7b-dpo-2048-loft $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --steps 3 --vs baseline \
   --cap-gib 11 --baseline-cap-gib 0 --set sequence_len=2048 --set gradient_accumulation_steps=2 "${LIGER[@]}" \
-  --set liger_glu_activation=true --set trainer_cls=training.dpo.LoftDPOTrainer
+  --set liger_glu_activation=true --set trainer_cls=training.plugins.dpo.LoftDPOTrainer
 # The 12 GB recipe at its own 1,024 with Loft's trainer, against TRL under the same 12 GiB cap.
 bench t3-qwen7b-dpo-1024-loft-trainer $Q/dpo-qlora-12gb.yaml --data full --warmup 2 --steps 3 --vs baseline \
-  --cap-gib 12 --set gradient_accumulation_steps=2 --set trainer_cls=training.dpo.LoftDPOTrainer
+  --cap-gib 12 --set gradient_accumulation_steps=2 --set trainer_cls=training.plugins.dpo.LoftDPOTrainer
 
 # The DPO recipes as written now (2,048 tokens, Liger layers, LoftDPOTrainer, embeddings_skip_upcast): the 12 GB
 # one under target 3's 11 GiB cap against TRL uncapped, 5 timed steps; the precompute one under its 12 GiB card.

@@ -65,9 +65,10 @@ want long-trl && longest trl 12288 16384 20480
 want long-loft && longest loft 32768 36864 40960
 
 # Loft's levers where it lost (full-length rows), Loft alone, 20 steps, against the unchanged recipe on the same
-# rows. Cut cross-entropy through Loft's plugin (training/cce.py): Axolotl's own needs its git fork of the package.
+# rows. Cut cross-entropy through Loft's plugin (training/plugins/cce.py): Axolotl's own needs its git fork of the
+# package.
 lever() { local name="$1"; shift; bench "lever-$name" "$@" "${LEVER[@]}"; }
-CCE=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.cce.CutCrossEntropyPlugin]"
+CCE=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.cce.CutCrossEntropyPlugin]"
      --set liger_fused_linear_cross_entropy=false)
 QF=("${Q12[@]}" --data full)
 if want levers-qwen-a; then

@@ -1,4 +1,4 @@
-"""Loft's DPO trainer, for `trainer_cls: training.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
+"""Loft's DPO trainer, for `trainer_cls: training.plugins.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
 plain `accelerate launch -m axolotl.cli.train`). Two changes to Axolotl 0.19's AxolotlDPOTrainer:
 
 1. No `gc.collect()` + `torch.cuda.empty_cache()` after every micro-batch (AxolotlDPOTrainer.training_step,
@@ -30,7 +30,9 @@ from torch.utils.checkpoint import checkpoint
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from training.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES  # fp32 logits of one chunk (the estimator's too)
+# fp32 logits of one chunk: the memory estimator counts the same size
+from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES
+
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 
 

@@ -4,10 +4,11 @@ Memory does not depend on the weights' values, so a random-initialised model of 
 (training/archs/*.json or the base model's config.json) stands in for the base model. The recipe runs through
 Axolotl unchanged except for: that model, a synthetic dataset of full-length rows (every micro-batch is
 sequence_len tokens: the worst case the estimate assumes), a few steps, no eval, no checkpoints, and the health
-guard, which writes peak allocated/reserved memory into health.json. Everything lands in runs/doctor-measure/<name>/.
+guard, which writes peak allocated/reserved memory into health.json (training/plugins/peak.py: the whole process,
+loading included, the same peak `loft bench speed` records). Everything lands in runs/doctor-measure/<name>/.
 
 Prints, after the doctor's report:
-  measured: peak allocated 6.08 GiB, reserved 6.51 GiB (NVIDIA H100 80GB HBM3, 4 steps)
+  measured: peak allocated 6.08 GiB, reserved 6.51 GiB (NVIDIA H100 80GB HBM3, 4 steps; loading 5.33 GiB of it)
   estimate: peak allocated 6.00 GiB → error -1.3%; needs 6.86 GiB vs 6.51 reserved + CUDA context
 """
 
@@ -66,7 +67,7 @@ def measurement_recipe(cfg: dict, model_dir: Path, work: Path, steps: int) -> di
 def measure(recipe_path: Path, report, steps: int = 4) -> dict:
     from training import recipe as recipes
     from training.arch import find_arch
-    from training.memory import CUDA_CONTEXT_GIB, estimate_recipe
+    from training.checks.memory import CUDA_CONTEXT_GIB, estimate_recipe
 
     cfg = recipes.load(recipe_path)
     arch = find_arch(cfg.get("base_model"))
@@ -90,13 +91,13 @@ def measure(recipe_path: Path, report, steps: int = 4) -> dict:
     if not mem:
         raise LoftError(f"the measurement run wrote no memory record ({health}); see {folder.train_log}")
     est = estimate_recipe(cfg, arch)
-    # the guard's peak is training's (from the trainer's start); loading's is estimated apart (est.loading)
-    err = 100 * (est.training - mem["peak_allocated_gib"]) / mem["peak_allocated_gib"]
+    # the whole process's peak (training/plugins/peak.py), loading included: the estimate's `allocated`
+    err = 100 * (est.allocated - mem["peak_allocated_gib"]) / mem["peak_allocated_gib"]
     print(f"measured: peak allocated {mem['peak_allocated_gib']:.2f} GiB, reserved {mem['peak_reserved_gib']:.2f} GiB "
-          f"({mem['device']}, {steps} steps)")
-    print(f"estimate: peak allocated {est.training:.2f} GiB → error {err:+.1f}%; needs {est.needed:.2f} GiB vs "
+          f"({mem['device']}, {steps} steps; loading {mem['load_peak_allocated_gib']:.2f} GiB of it)")
+    print(f"estimate: peak allocated {est.allocated:.2f} GiB → error {err:+.1f}%; needs {est.needed:.2f} GiB vs "
           f"{mem['peak_reserved_gib']:.2f} reserved + {CUDA_CONTEXT_GIB} CUDA context")
-    result = {"measured": mem, "estimate_allocated_gib": round(est.training, 3), "error_pct": round(err, 1),
+    result = {"measured": mem, "estimate_allocated_gib": round(est.allocated, 3), "error_pct": round(err, 1),
               "steps": steps, "recipe": str(recipe_path), "arch": model_name, "config": cfg}
     folder.measure_json.write_text(json.dumps(result, indent=2))
     report.memory = {**(report.memory or {}), "measured": result}

@@ -4,7 +4,7 @@ A recipe enables it by listing it (Axolotl imports plugins by path, so it works 
 `accelerate launch -m axolotl.cli.train recipe.yaml` run from the repo root):
 
     plugins:
-      - training.guard.HealthGuardPlugin
+      - training.plugins.guard.HealthGuardPlugin
 
 It watches every log line the Trainer emits and stops the run (`control.should_training_stop`) on:
 
@@ -17,20 +17,23 @@ It watches every log line the Trainer emits and stops the run (`control.should_t
           while train loss keeps falling                      when load_best_model_at_end is on
 
 The diagnosis (causes and fixes) goes to the console and to <output_dir>/health.json; a clean run writes
-health.json with status "ok". On a CUDA device health.json also records peak memory (`loft doctor --measure`
-reads it). Thresholds are recipe keys (HealthGuardArgs below), all optional.
+health.json with status "ok". On a CUDA device health.json also records peak memory: the process's, training's and
+loading's, as training/plugins/peak.py measures them (`loft doctor --measure` reads it). Thresholds are recipe keys
+(HealthGuardArgs below), all optional.
 """
 
 import json
 import math
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 
 from axolotl.integrations.base import BasePlugin
 
 from training.paths import RunDir
+from training.plugins.peak import PROBE, local_device
 
 
 class HealthGuardArgs(BaseModel):
@@ -77,7 +80,10 @@ class HealthGuardCallback(TrainerCallback):
             self.warmup_steps = args.get_warmup_steps(self.max_steps) if self.max_steps > 0 else 0
         except Exception:  # older/newer TrainingArguments
             self.warmup_steps = int(getattr(args, "warmup_steps", 0) or 0)
-        self._reset_cuda_peak()
+        try:
+            PROBE.start_training()
+        except Exception:  # memory bookkeeping must never break training
+            pass
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.s["loft_guard"] or self.problem or not logs:
@@ -197,41 +203,13 @@ class HealthGuardCallback(TrainerCallback):
     def _fail(self, code, step, reason, causes, fixes):
         self.problem = {"code": code, "step": step, "reason": reason, "causes": causes, "fixes": fixes}
 
-    def _reset_cuda_peak(self):
-        """Start counting at train begin, and keep counting across Axolotl's own resets: it resets torch's peak
-        counters at every memory log (axolotl.utils.bench.gpu_memory_usage_all), so read them first each time."""
-        try:
-            import torch
-
-            if not torch.cuda.is_available():
-                return
-            self.load_peak = torch.cuda.max_memory_allocated() / 2**30
-            reset = getattr(torch.cuda.reset_peak_memory_stats, "loft_original", torch.cuda.reset_peak_memory_stats)
-            reset()
-            self.peaks = [0, 0]
-
-            def folding_reset(device=None):
-                self.peaks = [max(self.peaks[0], torch.cuda.max_memory_allocated(device)),
-                              max(self.peaks[1], torch.cuda.max_memory_reserved(device))]
-                reset(device)
-
-            folding_reset.loft_original = reset
-            torch.cuda.reset_peak_memory_stats = torch.cuda.memory.reset_peak_memory_stats = folding_reset
-        except Exception:  # memory bookkeeping must never break training
-            pass
-
     def _memory(self) -> dict | None:
+        """Peak memory as training.plugins.peak measures it (the process, training, loading), on a CUDA device."""
         try:
-            import torch
-
             if not torch.cuda.is_available():
                 return None
-            alloc, res = getattr(self, "peaks", [0, 0])
-            return {"device": torch.cuda.get_device_name(),  # since training began
-                    "peak_allocated_gib": max(alloc, torch.cuda.max_memory_allocated()) / 2**30,
-                    "peak_reserved_gib": max(res, torch.cuda.max_memory_reserved()) / 2**30,
-                    "load_peak_allocated_gib": getattr(self, "load_peak", None)}  # model loading, before that
-        except Exception:
+            return {"device": torch.cuda.get_device_name(local_device()), **PROBE.record()}
+        except Exception:  # memory bookkeeping must never break training
             return None
 
     def _report(self, args, state, announce: bool = True):
@@ -261,10 +239,16 @@ class HealthGuardCallback(TrainerCallback):
 
 
 class HealthGuardPlugin(BasePlugin):
-    """`plugins: [training.guard.HealthGuardPlugin]` in a recipe."""
+    """`plugins: [training.plugins.guard.HealthGuardPlugin]` in a recipe."""
 
     def get_input_args(self) -> str:
-        return "training.guard.HealthGuardArgs"
+        return "training.plugins.guard.HealthGuardArgs"
+
+    def register(self, cfg):
+        try:  # before the model loads, so that loading's peak survives Axolotl's resets too
+            PROBE.watch()
+        except Exception:  # memory bookkeeping must never break training
+            pass
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         settings = {k: cfg.get(k) for k in DEFAULTS}

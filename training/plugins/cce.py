@@ -2,7 +2,7 @@
 
     plugins:
       - axolotl.integrations.liger.LigerPlugin        # Liger's RMSNorm/RoPE/SwiGLU stay
-      - training.cce.CutCrossEntropyPlugin
+      - training.plugins.cce.CutCrossEntropyPlugin
     liger_fused_linear_cross_entropy: false          # one of the two owns the loss
 
 Why a Loft plugin: Axolotl 0.19's own cut_cross_entropy integration refuses to run without Axolotl's git fork of
@@ -72,7 +72,7 @@ def patch(model_type: str, loss_fn=cce_loss) -> type:
     import importlib
 
     if model_type not in PATCHABLE:
-        raise ValueError(f"training.cce.CutCrossEntropyPlugin supports {', '.join(sorted(PATCHABLE))}, not "
+        raise ValueError(f"training.plugins.cce.CutCrossEntropyPlugin supports {', '.join(sorted(PATCHABLE))}, not "
                          f"`{model_type}`; remove the plugin from this recipe")
     module, name = PATCHABLE[model_type]
     cls = getattr(importlib.import_module(module), name)
@@ -83,16 +83,16 @@ def patch(model_type: str, loss_fn=cce_loss) -> type:
 
 
 class CutCrossEntropyPlugin(BasePlugin):
-    """`plugins: [training.cce.CutCrossEntropyPlugin]`: the loss through Apple's cut-cross-entropy kernel."""
+    """`plugins: [training.plugins.cce.CutCrossEntropyPlugin]`: the loss through Apple's cut-cross-entropy kernel."""
 
     def pre_model_load(self, cfg):
         if RecipeFacts.of(cfg).fused_cross_entropy:
-            raise ValueError("training.cce.CutCrossEntropyPlugin computes the loss itself: set "
+            raise ValueError("training.plugins.cce.CutCrossEntropyPlugin computes the loss itself: set "
                              "liger_fused_linear_cross_entropy: false (and no cut_cross_entropy) in this recipe")
         try:  # fail here, naming the package, not inside the first training step
             import cut_cross_entropy  # noqa: F401
         except ImportError as err:
-            raise ImportError("training.cce.CutCrossEntropyPlugin needs cut-cross-entropy (pip install "
+            raise ImportError("training.plugins.cce.CutCrossEntropyPlugin needs cut-cross-entropy (pip install "
                               "cut-cross-entropy==25.1.1; the GPU host's wheelhouse from fetch-wheels-slim.sh "
                               f"--unsloth has it): {err}") from None
         patch(cfg.get("model_config_type"))

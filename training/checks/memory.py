@@ -8,19 +8,17 @@
                    + a second copy of the weights when DPO loads a separate reference model
     needed         = peak allocated × (1 + allocator slack) + CUDA context
 
-The per-token and logits constants are fitted to peaks measured on an H100 (calibration_points() below: the
-shared/gpu-host README's points, `loft doctor --measure` runs and recipe runs committed in benchmarks/results/);
-`python -m training.memory` prints estimate vs measured (the table in benchmarks/MEMORY.md).
+The per-token and logits constants are fitted to peaks measured on an H100: benchmarks/calibration.py holds the
+evidence (the shared/gpu-host README's points, `loft doctor --measure` runs and recipe runs committed in
+benchmarks/results/), and `python -m benchmarks.calibration` prints estimate vs measured (benchmarks/MEMORY.md).
 Architectures come from training/arch.py (training/archs/*.json or the base model's local config.json).
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 
 from training.arch import Arch, find_arch
 from training.parallel import option, per_gpu, strategy
-from training.paths import REPO
 from training.recipe import RecipeFacts
 
 GIB = 1024**3
@@ -34,7 +32,7 @@ PROFILES = {
     "h100-80gb": 79.6,
 }
 
-# ---- constants (bytes unless noted); the fitted ones are marked and checked by calibration_table()
+# ---- constants (bytes unless noted); the fitted ones are marked and checked by benchmarks/calibration.py
 NF4 = 0.5  # 4-bit weight
 ABSMAX = 4 / 64  # one fp32 absmax per 64-weight block
 ABSMAX_DQ = 1 / 64 + 4 / (64 * 256)  # double quant: 8-bit absmax + one fp32 per 256 blocks
@@ -49,7 +47,7 @@ FUSED_CE_BYTES = 8.0  # per token × hidden with Liger FLCE / cut cross-entropy 
 # hidden_states: the checkpointed inputs themselves (recomputation kept; +4.5/+5.0% at 20K/24K); legacy (synchronous)
 # offloads more than those and measured 0.8 GiB under this at 24K: counted like hidden_states. Llama-3.1-8B QLoRA, long rows in 12 GiB.
 OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
-DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.dpo (which imports it from here)
+DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.plugins.dpo (which imports it from here)
 CHUNK_BUFFERS = 3  # fitted (2 DPO runs): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
 
@@ -83,7 +81,7 @@ class Setup:
     reference: bool = False  # DPO/IPO compare with a reference model
     separate_reference: bool = False  # DPO/IPO without an adapter loads the model twice
     precompute_ref: bool = False  # reference log-probs computed once before training
-    chunked_logps: bool = False  # training.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
+    chunked_logps: bool = False  # training.plugins.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
     upcast_embeddings: bool = False  # k-bit loading casts embeddings/lm_head to fp32 (then back): a loading peak
     plugins: list[str] = field(default_factory=list)
     parallel: str = "none"  # "ddp" | "zero1" | "zero2" | "zero3" | "fsdp1" | "fsdp2" (training/parallel.py reads it)
@@ -303,140 +301,3 @@ def gpu_gib(profile: str) -> float:
 
         raise LoftError(f"unknown GPU profile `{profile}`; use one of {', '.join(PROFILES)} or a size in GiB (e.g. 24)")
     return value
-
-
-# ---------------------------------------------------------------- the cheapest change that fits
-def _liger(cfg: dict) -> dict:
-    plugins = list(cfg.get("plugins") or [])
-    if not any("liger" in str(p).lower() for p in plugins):
-        plugins.append("axolotl.integrations.liger.LigerPlugin")
-    return {"plugins": plugins, "liger_fused_linear_cross_entropy": True, "liger_rms_norm": True,
-            "liger_glu_activation": True, "liger_rope": True}
-
-
-def remedies(cfg: dict) -> list[tuple[str, dict]]:
-    """Changes in order of cost to the run: free first, then slower, then lower quality."""
-    s = Setup.from_recipe(cfg)
-    out = []
-    if not s.checkpointing:
-        out.append(("enable gradient checkpointing (~20% slower)", {"gradient_checkpointing": True}))
-    if s.reference and not s.chunked_logps:
-        out.append(("Loft's DPO trainer: LM head in chunks over completion tokens, no full logits",
-                    {"trainer_cls": "training.dpo.LoftDPOTrainer"}))
-    if s.upcast_embeddings and s.quant == "4bit":
-        out.append(("keep the embeddings in bf16 while loading", {"embeddings_skip_upcast": True}))
-    if not s.fused_ce and not s.rl:
-        out.append(("Liger kernels with fused linear cross-entropy (no full logits)", _liger(cfg)))
-    if s.checkpointing and s.offload < 1:
-        out.append(("offload the checkpointed layer inputs to CPU RAM (slower: copies each layer's input)",
-                    {"activation_offloading": "hidden_states"}))
-    if optimizer_state_bytes(s.optimizer) > 2:
-        out.append(("paged 8-bit AdamW", {"optimizer": "paged_adamw_8bit"}))
-    mb, ga = s.micro_batch, cfg.get("gradient_accumulation_steps") or 1
-    while mb > 1:
-        mb //= 2
-        ga = ga * 2 if isinstance(ga, int) else ga
-        out.append((f"micro-batch {mb} × grad-accum {ga} (same effective batch)",
-                    {"micro_batch_size": mb, "gradient_accumulation_steps": ga}))
-    if s.quant == "none":
-        out.append(("4-bit QLoRA base (nf4)", {"adapter": "qlora", "load_in_4bit": True, "bf16": "auto"}))
-    seq = s.seq
-    while seq > 512:
-        seq //= 2
-        out.append((f"sequence_len {seq} (longer rows get dropped or truncated)", {"sequence_len": seq}))
-    return out
-
-
-def cheapest_fit(cfg: dict, arch: Arch, gpu: float, world: int = 1) -> tuple[list[str], dict, Estimate] | None:
-    """The first single change that fits; else the shortest prefix of the list applied together."""
-    options = remedies(cfg)
-    for label, change in options:
-        est = estimate(arch, Setup.from_recipe({**cfg, **change}, world))
-        if est.verdict(gpu) == "fits":
-            return [label], change, est
-    merged, labels = {}, []
-    for label, change in options:
-        merged.update(change)
-        labels.append(label)
-        est = estimate(arch, Setup.from_recipe({**cfg, **merged}, world))
-        if est.verdict(gpu) == "fits":
-            return labels, merged, est
-    return None
-
-
-# ---------------------------------------------------------------- calibration against measured peaks
-QWEN7, LLAMA8 = "Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"
-_QLORA = {"adapter": "qlora", "load_in_4bit": True, "bf16": True, "lora_r": 16, "lora_target_linear": True,
-          "lora_dropout": 0.05, "gradient_checkpointing": True, "optimizer": "paged_adamw_8bit",
-          "micro_batch_size": 1, "gradient_accumulation_steps": 8, "sample_packing": True}
-_LIGER = {"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True,
-          "liger_rms_norm": True, "liger_glu_activation": True, "liger_rope": True}
-# (label, recipe, measured peak allocated GiB, what the estimator leaves out)
-CALIBRATION = [
-    ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing", {"base_model": QWEN7, **_QLORA, "sequence_len": 1024}, 7.52, ""),
-    ("Qwen2.5-7B QLoRA r16, seq 1024, mb 1, packing + Liger", {"base_model": QWEN7, **_QLORA, **_LIGER, "sequence_len": 1024}, 6.11, ""),
-    ("Qwen2.5-7B bf16 LoRA r16 + Liger, seq 2048, mb 4", {"base_model": QWEN7, **_QLORA, **_LIGER, "adapter": "lora",
-     "load_in_4bit": False, "sequence_len": 2048, "micro_batch_size": 4, "gradient_accumulation_steps": 2}, 18.1, ""),
-    ("Llama-3.1-8B QLoRA r16 + Liger, seq 8192, mb 1", {"base_model": LLAMA8, **_QLORA, **_LIGER, "sequence_len": 8192}, 9.26, ""),
-    ("Llama-3.1-8B QLoRA r16 + Liger, seq 16384, mb 1", {"base_model": LLAMA8, **_QLORA, **_LIGER, "sequence_len": 16384}, 12.84, ""),
-    ("Qwen2.5-7B DPO QLoRA r16, seq 1024, ref = adapter disabled (TRL)", {"base_model": QWEN7, **_QLORA, "rl": "dpo",
-     "sample_packing": False, "sequence_len": 1024}, 8.34, "TRL DPOTrainer, not Axolotl; row lengths not recorded"),
-    ("Qwen2.5-7B DPO QLoRA r16, seq 1024, ref = second 4-bit model (TRL)", {"base_model": QWEN7, **_QLORA, "rl": "dpo",
-     "sample_packing": False, "sequence_len": 1024, "_separate_reference": True}, 13.52,
-     "TRL DPOTrainer with a PEFT model and a separate 4-bit reference"),
-    ("Qwen2.5-7B QLoRA r16, seq 1024, no packing (TRL SFTTrainer)", {"base_model": QWEN7, **_QLORA, "sample_packing": False,
-     "sequence_len": 1024}, 8.71, "TRL also computes entropy and token accuracy over the full logits"),
-]
-
-
-RESULTS = REPO / "benchmarks" / "results"
-# `loft bench speed` runs besides the recipe-* ones whose config the current recipes + their overrides still
-# reproduce (runs of a recipe that changed since, and tiled_mlp runs, which the estimator does not model, are left out)
-SPEED_RUNS = {"t1-qwen7b-qlora-cap12-peak", "t2-llama8b-lora-bf16-nogc", "t4-llama8b-qlora-16k-plain",
-              "t4-llama8b-qlora-16k-offload", "t4-llama8b-qlora-16k-offload-cap12", "t4-llama8b-qlora-18k-offload-cap12",
-              "t4-llama8b-qlora-20k-hidden-cap12", "t4-llama8b-qlora-24k-hidden-cap12",
-              "t4-llama8b-qlora-32k-hidden-cap12", "t2-llama8b-lora-bf16-vs-baseline",
-              "t2-llama8b-lora-bf16-full-vs-baseline", "t4-llama8b-long-vs-baseline-24576",
-              "t4-llama8b-long-vs-baseline-4096", "t4-llama8b-long-vs-baseline-2048",
-              "t1-qwen7b-qlora-12gb-full-vs-baseline", "t4-llama8b-long-vs-baseline-32768",
-              "t4-llama8b-long-vs-baseline-10240", "t1-qwen7b-qlora-12gb-vs-baseline"}
-
-
-def calibration_points() -> list[tuple[str, str, dict, float, str]]:
-    """(run, source, recipe config, measured peak allocated GiB, caveat): the shared H100 points above, every
-    `loft doctor --measure` run and every recipe run of `loft bench speed` committed in benchmarks/results/."""
-    from training import recipe as recipes
-
-    points = [(label, "shared/gpu-host README", cfg, measured, caveat) for label, cfg, measured, caveat in CALIBRATION]
-    for path in sorted(RESULTS.glob("measure-*.json")):
-        for run in json.loads(path.read_text())["runs"]:
-            points.append((run["name"], f"--measure, {path.name}", run["config"],
-                           round(run["measured"]["peak_allocated_gib"], 2), ""))
-    for path in sorted(RESULTS.glob("speed-*.json")):
-        for name, run in json.loads(path.read_text())["runs"].items():
-            loft = run["runners"].get("loft") or {}
-            if (name.startswith("recipe-") or name in SPEED_RUNS) and loft.get("status") == "ok":
-                cfg = recipes.apply_overrides(recipes.load(REPO / run["recipe"]), run["overrides"])
-                points.append((name, f"bench speed, {path.name}", cfg, loft["peak_allocated_gib"], ""))
-    return points
-
-
-def calibration_table() -> list[dict]:
-    rows = []
-    for label, source, cfg, measured, caveat in calibration_points():
-        s = Setup.from_recipe(cfg)
-        s.separate_reference = s.separate_reference or cfg.get("_separate_reference", False)  # TRL only
-        est = estimate(find_arch(cfg["base_model"]), s)
-        # `loft bench speed` keeps the whole process's peak (loading included); Axolotl's logs and --measure
-        # report training's
-        value = est.allocated if source.startswith("bench speed") else est.training
-        rows.append({"run": label, "source": source, "estimate_gib": round(value, 2), "measured_gib": measured,
-                     "error_pct": round(100 * (value - measured) / measured, 1), "caveat": caveat})
-    return rows
-
-
-if __name__ == "__main__":
-    print("| run | estimate GiB | measured GiB | error | source | not modelled |\n|---|---|---|---|---|---|")
-    for row in calibration_table():
-        print(f"| {row['run']} | {row['estimate_gib']} | {row['measured_gib']} | {row['error_pct']:+.1f}% | "
-              f"{row['source']} | {row['caveat']} |")

@@ -10,7 +10,7 @@ from axolotl.integrations.base import BasePlugin
 
 
 class CPURanksPlugin(BasePlugin):
-    """`plugins: [training.cpu_ranks.CPURanksPlugin]`, added by `loft train --gpus N` when no GPU is visible."""
+    """`plugins: [training.plugins.cpu_ranks.CPURanksPlugin]`, added by `loft train --gpus N` when no GPU is visible."""
 
     def load_datasets(self, cfg, preprocess: bool = False):
         # Axolotl calls this first in its train command, after the config is normalised and before the model is

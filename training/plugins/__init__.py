@@ -1,0 +1,17 @@
+"""Code that Axolotl itself loads, by a dotted path written in a recipe's YAML, and runs inside its own process.
+
+    plugins:
+      - training.plugins.guard.HealthGuardPlugin      # stops a run that is not learning; writes health.json
+    trainer_cls: training.plugins.dpo.LoftDPOTrainer  # DPO with the LM head in chunks
+
+These dotted paths are a public API: recipes (Loft's and anyone's copied from them) name them, and a plain
+`accelerate launch -m axolotl.cli.train recipe.yaml` imports them, so renaming a module or class here breaks
+every recipe that names it. Everything here runs inside Axolotl's training process, not inside `loft`: an error
+must not cost the run (the guard disables itself rather than raise), and nothing here may import a `loft` verb.
+
+  guard.py      HealthGuardPlugin: the health guard (every recipe lists it; `loft train` adds it)
+  dpo.py        LoftDPOTrainer: Axolotl's DPO trainer without per-step cache flushing, LM head in chunks
+  cce.py        CutCrossEntropyPlugin: the loss through Apple's cut-cross-entropy kernel (a measured lever)
+  cpu_ranks.py  CPURanksPlugin: `loft train --gpus N` on a machine without GPUs (added by loft train)
+  peak.py       the one peak-memory probe: what the guard and `loft bench speed` call the measured peak
+"""
