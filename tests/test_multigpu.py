@@ -11,6 +11,7 @@ validated in tests/test_recipes.py and measured on GPUs by benchmarks/gpu/multig
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,18 +147,47 @@ def test_the_doctor_says_32b_qlora_fsdp2_does_not_load_in_24_gib_as_measured():
 
 
 # ---------------------------------------------------------------- combinations refused before any GPU time
+FSDP1_32B, FSDP2_32B, FULL_8B = ("qwen2.5-32b/qlora-fsdp1-24gb.yaml", "qwen2.5-32b/qlora-fsdp2-24gb.yaml",
+                                 "llama-3.1-8b/full-fsdp2-80gb.yaml")
+
+
+def changed(name: str, changes: dict) -> dict:
+    """The recipe with `changes` applied: "a.b" keys reach into mappings, None removes the key."""
+    cfg = recipe(name)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        if value is None:
+            node.pop(key)
+        else:
+            node[key] = value
+    return cfg
+
+
 @pytest.mark.parametrize("name,changes,code", [
     ("llama-3.1-8b/lora-8bit-rslora-24gb.yaml", {"deepspeed": "recipes/deepspeed/zero3.json"}, "LOFT-P403"),
-    ("llama-3.1-8b/full-fsdp2-80gb.yaml", {"deepspeed": "recipes/deepspeed/zero2.json"}, "LOFT-P401"),
-    ("qwen2.5-32b/qlora-fsdp2-24gb.yaml", {"optimizer": "paged_adamw_8bit"}, "LOFT-P406"),
-    ("qwen2.5-32b/qlora-fsdp2-24gb.yaml", {"fsdp_version": 1}, "LOFT-P404"),
+    (FULL_8B, {"deepspeed": "recipes/deepspeed/zero2.json"}, "LOFT-P401"),
+    (FSDP2_32B, {"optimizer": "paged_adamw_8bit"}, "LOFT-P406"),
+    (FSDP1_32B, {"fsdp_config.cpu_ram_efficient_loading": None, "qlora_sharded_model_loading": None}, "LOFT-P404"),
     ("llama-3.1-8b/lora-bf16-ddp-80gb.yaml", {"deepspeed": "recipes/deepspeed/zero9.json"}, "LOFT-P402"),
+    # FSDP settings Axolotl's schema accepts and that then fail, or do nothing, once the model has loaded
+    (FSDP1_32B, {"fsdp_config.reshard_after_forward": True}, "LOFT-P409"),
+    (FSDP2_32B, {"fsdp_version": 1, "fsdp_config.cpu_ram_efficient_loading": True,
+                 "fsdp_config.sync_module_states": True}, "LOFT-P409"),  # the first FSDP1 attempt on 2 GPUs
+    (FSDP1_32B, {"fsdp_config.sharding_strategy": "SHARD_GRAD_OP"}, "LOFT-P410"),
+    (FULL_8B, {"fsdp_config.fsdp_offload_param": True}, "LOFT-P410"),  # a typo behind Axolotl's fsdp_ prefix
+    (FSDP2_32B, {"fsdp_config.use_orig_params": False}, "LOFT-P411"),
+    (FULL_8B, {"fsdp_config.final_state_dict_type": "LOCAL_STATE_DICT"}, "LOFT-P412"),
+    (FSDP2_32B, {"qlora_sharded_model_loading": True}, "LOFT-P413"),
+    (FSDP1_32B, {"fsdp_config.state_dict_type": "SHARDED_STATE_DICT", "save_strategy": "no"}, "LOFT-P414"),
 ])
 def test_doctor_refuses_with_one_error(name, changes, code, tmp_path):
     from training.doctor import diagnose
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({**recipe(name), **changes}))
+    path.write_text(yaml.safe_dump(changed(name, changes)))
     report = diagnose(path, data=False, gpus=2)
     multi = [f for f in report.findings if f.code.startswith("LOFT-P")]
     assert [(f.code, f.severity) for f in multi] == [(code, "error")], multi
@@ -167,17 +197,43 @@ def test_doctor_refuses_with_one_error(name, changes, code, tmp_path):
 def test_shipped_multi_gpu_recipes_pass_the_doctor():
     from training.doctor import diagnose
 
-    for name in ("llama-3.1-8b/lora-bf16-ddp-80gb.yaml", "llama-3.1-8b/full-fsdp2-80gb.yaml",
-                 "qwen2.5-32b/qlora-fsdp2-24gb.yaml"):
+    for name in ("llama-3.1-8b/lora-bf16-ddp-80gb.yaml", FULL_8B, FSDP2_32B, FSDP1_32B):
         report = diagnose(RECIPES / name, data=False, gpus=2)
         assert report.count("error") == 0, [f for f in report.findings if f.severity == "error"]
         assert report.memory["world"] == 2
 
 
+def test_the_refused_fsdp_settings_fail_where_the_doctor_says():
+    """The FSDP rules above stand on what transformers and accelerate do with Axolotl's validated fsdp_config: if
+    an upgrade starts accepting one of these, this fails and the rule can go."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    def plugin(**fsdp_config):
+        args = TrainingArguments("unused", fsdp=True, fsdp_config=fsdp_config, report_to=[])
+        # sync_module_states asks for a CUDA device at once; this machine has none, and it is not what is tested
+        return FullyShardedDataParallelPlugin(**{**args.fsdp_plugin_args, "sync_module_states": False})
+
+    with pytest.raises(KeyError, match="TRUE"):  # LOFT-P409: a boolean read as a sharding strategy name
+        plugin(fsdp_version=1, reshard_after_forward=True)
+    assert plugin(fsdp_version=1).reshard_after_forward.name == "FULL_SHARD"  # the fix: leave it out
+    assert plugin(fsdp_version=2, use_orig_params=False).use_orig_params is None  # LOFT-P411: dropped
+    with pytest.raises(ValueError, match="LOCAL_STATE_DICT"):  # LOFT-P412
+        plugin(fsdp_version=2).set_state_dict_type("LOCAL_STATE_DICT")
+
+    from axolotl.utils.schemas.fsdp import FSDPConfig
+    from pydantic import ValidationError
+
+    assert "sharding_strategy" not in FSDPConfig(sharding_strategy="SHARD_GRAD_OP").model_dump()  # LOFT-P410
+    with pytest.raises(ValidationError):  # why LOFT-P409 cannot say "write FULL_SHARD": the schema takes a bool
+        FSDPConfig(reshard_after_forward="FULL_SHARD")
+
+
 # ---------------------------------------------------------------- one real 2-process run on this CPU
 @pytest.mark.slow
 def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
-    """`loft train --gpus 2` on the demo recipe: 2 steps of real DDP on gloo, then `loft merge` of its adapter.
+    """`loft train --gpus 2` on the demo recipe: 2 steps of real DDP on gloo, `--resume` on 2 ranks to step 3, then
+    `loft merge` of its adapter.
 
     The guard is made to find something on purpose (G004's learning-rate floor set above the learning rate, in
     warn mode, judged from step 1): both ranks see it, exactly one report must appear, and training goes on."""
@@ -191,8 +247,9 @@ def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
     cmd = [sys.executable, "-m", "training.cli", "train", "recipes/smollm2-135m/lora-cpu.yaml", "--gpus", "2",
            "--name", name, "--no-check"] + [x for o in overrides for x in ("--set", o)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     run_dir = REPO / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's checkpoints would be resumed or counted
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     log = (run_dir / "train.log").read_text(errors="replace")
 
@@ -202,6 +259,19 @@ def test_two_cpu_ranks_train_ddp_guard_once_and_merge(tmp_path):
     assert log.count("loft guard: G004") == 1, "the guard must report once, from rank 0"
     health = json.loads((run_dir / "adapter" / "health.json").read_text())
     assert health["status"] == "warned" and health["step"] == 2
+
+    # The run ended with checkpoint-2 (save_strategy steps saves at the last step): --resume on 2 ranks with one
+    # more step must load it on both and go on from step 2, not start over.
+    resume = [x if x != "max_steps=2" else "max_steps=3" for x in cmd] + ["--resume"]
+    proc = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    resumed = (run_dir / "train.log").read_text(errors="replace")[len(log):]
+    assert "loft train --resume" in resumed and '"world_size": 2' in resumed
+    assert "resume from checkpoint at" in resumed, "Axolotl resumed from the saved checkpoint"
+    new_losses = re.findall(r"\{'loss': '([\d.]+)'", resumed)
+    assert len(new_losses) == 1, f"one step (3) after resuming at step 2, got {new_losses}"  # 3 if it started over
+    state = json.loads((run_dir / "adapter" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
 
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()

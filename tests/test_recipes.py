@@ -80,6 +80,7 @@ MULTI_GPU = {
     "llama-3.1-8b/lora-bf16-ddp-80gb.yaml": "DDP: as lora-bf16-80gb.yaml per rank; 2 CPU ranks in test_multigpu.py",
     "llama-3.1-8b/full-fsdp2-80gb.yaml": "FSDP2 full fine-tune: GPU only",
     "qwen2.5-32b/qlora-fsdp2-24gb.yaml": "FSDP2 QLoRA: GPU only",
+    "qwen2.5-32b/qlora-fsdp1-24gb.yaml": "FSDP1 QLoRA with sharded 4-bit loading: GPU only",
 }
 
 HEADER_PARTS = ("For:", "GPU:", "Run:", "Data:", "Levers:", "Coverage:")

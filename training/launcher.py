@@ -73,6 +73,9 @@ def environment(topo: Topology | None = None) -> dict:
     if topo.world > 1 and visible_gpus() == 0:
         # without it the Trainer of each rank sees no GPU, finds no distributed setup it knows and trains alone
         env.setdefault("ACCELERATE_USE_CPU", "true")
+        # accelerate would name each CPU rank's device "cpu:0", a location torch.load cannot map to: resuming, the
+        # Trainer loads the optimizer state onto the rank's device and fails. Every CPU rank is plain "cpu".
+        env.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     return env
 
 

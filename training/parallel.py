@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from training.paths import REPO
-from training.recipe import RecipeFacts
+from training.recipe import RecipeFacts, closest
 
 GIB = 1024**3
 
@@ -112,7 +112,12 @@ def per_gpu(parts: dict, arch, s, weights: float, other: float, state: float, no
     offload = " (shards offloaded to CPU RAM)" if s.offload_params or s.offload_optimizer else ""
     notes.append(f"per GPU, {label} over {w} ranks{offload}: decoder layers sharded, two gathered at a time "
                  f"({2 * layer / GIB:.2f} GiB); embeddings and lm_head held whole")
-    if s.parallel.startswith("fsdp") and s.quant != "none":
+    if s.parallel == "fsdp1" and s.quant != "none":
+        # QLoRA under FSDP1 loads with cpu_ram_efficient_loading (LOFT-P404 insists): rank 0 keeps the quantized
+        # model in CPU RAM, the others start empty, and each GPU receives only its shards. Not measured yet.
+        notes.append("loading: rank 0 holds the quantized model in CPU RAM, each GPU receives only its shards "
+                     "(cpu_ram_efficient_loading; not measured yet)")
+    if s.parallel == "fsdp2" and s.quant != "none":
         # fully_shard then copies each rank's shards while the whole quantized model is still there. Measured:
         # Qwen2.5-32B QLoRA FSDP2 on 2 GPUs ran out of a 24 GiB cap inside fully_shard at 23.96 GiB allocated,
         # with 17.89 GiB of quantized weights: the whole model alone fits, whole model plus shards does not.
@@ -157,13 +162,14 @@ def check(cfg: dict, report, gpus: int = 1, nodes: int = 1) -> None:
                    "(only 4-bit weights stored as bf16 can)", "use adapter: qlora + load_in_4bit: true, or ZeRO-2 / "
                    "DDP (deepspeed: recipes/deepspeed/zero2.json), which keep the whole 8-bit model on each GPU",
                    key="load_in_8bit")
-    if kind == "fsdp1" and facts.adapter == "qlora":
-        need = [k for k in ("cpu_ram_efficient_loading", "sync_module_states") if not option(fsdp, k)]
-        if need:
-            report.add("LOFT-P404", "error", f"QLoRA under FSDP1 needs fsdp_config {' and '.join(need)}: true (each "
-                       "rank must receive rank 0's quantized weights)", "set fsdp_version: 2 (Axolotl's current FSDP; "
-                       "see recipes/qwen2.5-32b/qlora-fsdp2-24gb.yaml), or add " + ", ".join(f"{k}: true" for k in need),
-                       key="fsdp_config")
+    if kind == "fsdp1" and facts.adapter == "qlora" and not option(fsdp, "cpu_ram_efficient_loading"):
+        # It runs, but every rank then quantizes the whole model on its own GPU before FSDP1 shards it: the
+        # loading peak that kept the FSDP2 recipe out of 24 GiB. Sharded loading is FSDP1's only reason to be
+        # here (sync_module_states needs no key: transformers turns it on for FSDP1 by default).
+        report.add("LOFT-P404", "error", "QLoRA under FSDP1 without fsdp_config.cpu_ram_efficient_loading: every "
+                   "rank loads the whole quantized model on its GPU before sharding, as FSDP2 does", "add "
+                   "cpu_ram_efficient_loading: true and qlora_sharded_model_loading: true (see recipes/qwen2.5-32b/"
+                   "qlora-fsdp1-24gb.yaml), or use fsdp_version: 2, Axolotl's current FSDP", key="fsdp_config")
     if kind == "fsdp2" and facts.bits == 4 and option(fsdp, "cpu_ram_efficient_loading"):
         report.add("LOFT-P405", "error", "FSDP2 with 4-bit weights and cpu_ram_efficient_loading: true: only rank 0 "
                    "quantizes, the other ranks wait for shards of another shape (Axolotl 0.19 refuses it)",
@@ -176,6 +182,70 @@ def check(cfg: dict, report, gpus: int = 1, nodes: int = 1) -> None:
         report.add("LOFT-P407", "error", f"offload_optimizer runs the optimizer step on the CPU, and "
                    f"{cfg.get('optimizer')} is a GPU-only bitsandbytes optimizer", "optimizer: adamw_torch (or drop "
                    "offload_optimizer from the DeepSpeed JSON)", key="optimizer")
+    if facts.fsdp or cfg.get("qlora_sharded_model_loading"):
+        fsdp_settings(cfg, facts, report)
     if world == 1 and kind not in ("none", "ddp"):
         report.add("LOFT-P408", "note", f"{label} on one GPU shards over a single rank: nothing is saved, some speed "
                    "is lost", "train with --gpus N (the number of GPUs), or drop the sharding keys for one GPU")
+
+
+# ---------------------------------------------------------------- FSDP settings Axolotl 0.19 takes but cannot run
+# Axolotl validates fsdp_config with its own schema, transformers turns it into accelerate's FSDP plugin, and each
+# of the three reads it differently: these are the settings that pass Axolotl's schema and then fail (or do nothing)
+# later, once the model is loaded and GPU time is spent.
+FSDP1_ONLY = ("use_orig_params", "sync_module_states")  # transformers passes them to accelerate under FSDP1 only
+
+
+def fsdp_keys() -> set[str]:
+    """The fsdp_config keys Axolotl's schema keeps (it drops any other without a word)."""
+    from axolotl.utils.schemas.fsdp import FSDPConfig
+
+    return set(FSDPConfig.model_fields) | {"version"}
+
+
+def fsdp_settings(cfg: dict, facts: RecipeFacts, report) -> None:
+    fsdp, version = facts.fsdp_options, facts.fsdp_version
+    plain = {str(k).removeprefix("fsdp_") if k != "fsdp_version" else k: v for k, v in fsdp.items()}
+    known = fsdp_keys()
+    for key in sorted(set(plain) - known):
+        strategy_fix = ("under FSDP1 leave it out for FULL_SHARD or set top-level `fsdp: [shard_grad_op]`; under "
+                        "FSDP2 use reshard_after_forward: false") if key == "sharding_strategy" else None
+        close = closest(key, known)
+        report.add("LOFT-P410", "error", f"fsdp_config.{key} is not an Axolotl 0.19 FSDP setting: its schema drops "
+                   "it silently", strategy_fix or (f"did you mean `{close}`?" if close else "remove it; Axolotl takes "
+                   + ", ".join(sorted(known - {"version", "fsdp_version"}))), key="fsdp_config")
+    if version == 1 and "reshard_after_forward" in plain:
+        # Axolotl's schema takes only true/false; transformers hands FSDP1 the word ("true") as a sharding
+        # strategy name, and accelerate fails on it (KeyError: 'TRUE') when the trainer starts, after loading.
+        report.add("LOFT-P409", "error", f"fsdp_config.reshard_after_forward: {plain['reshard_after_forward']!r} "
+                   "under FSDP1: accelerate reads it as a sharding strategy name and stops when the trainer starts, "
+                   "after the model has loaded (Axolotl 0.19's schema takes only true/false there)",
+                   "remove reshard_after_forward: FSDP1 then shards fully (FULL_SHARD, transformers' default); for "
+                   "SHARD_GRAD_OP set top-level `fsdp: [shard_grad_op]`", key="fsdp_config")
+    if version == 2:
+        for key in [k for k in FSDP1_ONLY if k in plain]:
+            report.add("LOFT-P411", "error", f"fsdp_config.{key} is an FSDP1 setting: under FSDP2 transformers never "
+                       "passes it on, so it does nothing", f"remove {key} (FSDP2 always uses the original "
+                       "parameters and builds every rank's shards itself)", key="fsdp_config")
+        for key in ("state_dict_type", "final_state_dict_type"):
+            if str(plain.get(key, "")).upper() == "LOCAL_STATE_DICT":
+                when = "when the trainer starts" if key == "state_dict_type" else "at the final save, after training"
+                report.add("LOFT-P412", "error", f"fsdp_config.{key}: LOCAL_STATE_DICT under FSDP2: accelerate "
+                           f"refuses it {when}", f"{key}: FULL_STATE_DICT (one ordinary file, gathered on rank 0)",
+                           key="fsdp_config")
+    sharded_quant = facts.adapter == "qlora" and version == 1 and bool(option(fsdp, "cpu_ram_efficient_loading"))
+    if cfg.get("qlora_sharded_model_loading") and not sharded_quant:
+        # Axolotl's loader acts on it only for QLoRA under FSDP with cpu_ram_efficient_loading, which FSDP2
+        # refuses with 4-bit weights: anywhere else every rank quantizes the whole model as if it were unset.
+        report.add("LOFT-P413", "error", "qlora_sharded_model_loading: true does nothing here: Axolotl 0.19 uses it "
+                   "only for adapter: qlora under fsdp_version: 1 with fsdp_config.cpu_ram_efficient_loading: true",
+                   "set fsdp_version: 1 and cpu_ram_efficient_loading: true (as recipes/qwen2.5-32b/"
+                   "qlora-fsdp1-24gb.yaml does), or remove qlora_sharded_model_loading", key="qlora_sharded_model_loading")
+    final = str(plain.get("final_state_dict_type") or plain.get("state_dict_type") or "").upper()
+    if version == 1 and facts.adapter and final == "SHARDED_STATE_DICT" and str(cfg.get("save_strategy")) == "no":
+        # Under FSDP1 the trainer's final save writes nothing for a sharded state dict; Axolotl then rebuilds the
+        # adapter from the last checkpoint, and with save_strategy "no" there is none.
+        report.add("LOFT-P414", "error", "FSDP1 with a SHARDED_STATE_DICT final save and save_strategy: no: no "
+                   "adapter is ever written (Axolotl rebuilds it from the last checkpoint, and there is none)",
+                   "fsdp_config.state_dict_type: FULL_STATE_DICT (rank 0 writes an ordinary adapter), or save "
+                   "checkpoints (save_strategy: steps)", key="fsdp_config")

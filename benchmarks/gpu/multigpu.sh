@@ -2,6 +2,10 @@
 # GPU host, kind nvidia-h200-x2, one command: the multi-GPU recipes measured. Run from the repo root with .whl
 # carried (../shared/gpu-host/fetch-wheels-slim.sh; no DeepSpeed needed: these runs are DDP and FSDP2):
 #   bash benchmarks/gpu/multigpu.sh            (ONLY="mg-lora8b-1gpu mg-lora8b-2gpu" runs just those)
+# The FSDP1 32B group alone (builds only the 32B model; ~2 min build + 2 runs of ~2-3 min, not yet run):
+#   ONLY="mg-qlora32b-fsdp1-cap24 mg-qlora32b-fsdp1-nocap" bash benchmarks/gpu/multigpu.sh
+# At the end everything the call wrote to $OUT is packed into one $OUT/multigpu-results.tgz (the loose files stay
+# only if packing fails or the command is killed first).
 # Every measurement is `loft bench speed` (benchmarks/speed.py): a random-initialised model of the real
 # architecture, synthetic rows, tokens/s over the timed steps counted on every rank, peaks per GPU, and
 # training/checks/memory.py's per-GPU estimate for the same config (what `loft doctor --gpus N` prints). Each run is
@@ -11,6 +15,8 @@
 #                            4,096-token sequences per optimizer step, 20 steps each (scaling, first 20 losses)
 #   mg-qlora32b-cap24        qlora-fsdp2-24gb.yaml on 2 GPUs, each rank capped at 24 GiB
 #   mg-full8b-cap80          full-fsdp2-80gb.yaml on 2 GPUs, each rank capped at 80 GiB
+#   mg-qlora32b-fsdp1-cap24  qlora-fsdp1-24gb.yaml (sharded 4-bit loading) on 2 GPUs, each rank capped at 24 GiB
+#   mg-qlora32b-fsdp1-nocap  the same uncapped, only when the capped run did not end ok: where its peaks really are
 #
 # Time on 2 × H200 (expected, not yet run): wheels ~40 s; the random Llama-3.1-8B (16 GB) ~40 s; the random
 # Qwen2.5-32B (65 GB on disk, built on GPU 1 in the background while the 1-GPU run uses GPU 0) ~2 min; the four
@@ -25,6 +31,22 @@ export NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
 L=recipes/llama-3.1-8b
 Q=recipes/qwen2.5-32b
 env | grep -E '^(NCCL_NVLS_ENABLE|TORCH_SYMM_MEM_DISABLE_MULTICAST|NVSHMEM_DISABLE_NVLS)=' >"$OUT/env.txt"
+
+# wanted NAME...: any of these measurements is selected by ONLY (all are when ONLY is empty).
+wanted() {
+  local name
+  for name in "$@"; do [[ -z $ONLY || " $ONLY " == *" $name "* ]] && return 0; done
+  return 1
+}
+# bundle: $OUT's files into one tar, after lib.sh's summary and logs are written.
+bundle() {
+  local files
+  files=$(cd "$OUT" && find . -maxdepth 1 -type f ! -name multigpu-results.tgz -printf '%P\n')
+  [[ -n $files ]] || return 0
+  # shellcheck disable=SC2086  # one name per line, none with spaces (they are this script's own)
+  (cd "$OUT" && tar czf multigpu-results.tgz $files && rm -f $files) || echo "packing failed: loose files kept in $OUT"
+}
+trap 'finish; bundle' EXIT
 
 # keep NAME: this run's JSON into $OUT, then the combined report (scaling, loss match, estimate errors).
 keep() {
@@ -73,17 +95,20 @@ PY
 }
 
 # The random models, built once (training/axolotl.py): the 32B one on GPU 1 in the background.
-python3 -c "from benchmarks.speed import resolve_arch; from training.axolotl import random_model, word_tokenizer; \
-word_tokenizer(); random_model(*resolve_arch('meta-llama/Llama-3.1-8B-Instruct'))" 2>&1 | tail -2
+python3 -c "from training.axolotl import word_tokenizer; word_tokenizer()" 2>&1 | tail -2
+if wanted mg-lora8b-1gpu mg-lora8b-2gpu mg-full8b-cap80; then
+  python3 -c "from benchmarks.speed import resolve_arch; from training.axolotl import random_model; \
+random_model(*resolve_arch('meta-llama/Llama-3.1-8B-Instruct'))" 2>&1 | tail -2
+fi
 build32=""
-if ! skip mg-qlora32b-cap24; then
+if wanted mg-qlora32b-cap24 mg-qlora32b-fsdp1-cap24 mg-qlora32b-fsdp1-nocap; then
   CUDA_VISIBLE_DEVICES=1 python3 -c "from benchmarks.speed import resolve_arch; from training.axolotl import \
 random_model; random_model(*resolve_arch('Qwen/Qwen2.5-32B-Instruct'))" >"$OUT/build-32b.log" 2>&1 &
   build32=$!
   echo "=== building the random Qwen2.5-32B on GPU 1 in the background ($SECONDS s)"
 fi
 # The estimates as `loft doctor --gpus 2` prints them, while GPU 0 works (CPU only).
-for r in $L/lora-bf16-ddp-80gb.yaml $L/full-fsdp2-80gb.yaml $Q/qlora-fsdp2-24gb.yaml; do
+for r in $L/lora-bf16-ddp-80gb.yaml $L/full-fsdp2-80gb.yaml $Q/qlora-fsdp2-24gb.yaml $Q/qlora-fsdp1-24gb.yaml; do
   python3 -m training.cli doctor "$r" --gpus 2 --no-data --json >"$OUT/doctor-$(basename "$r" .yaml).json" 2>/dev/null
 done &
 
@@ -102,5 +127,13 @@ keep mg-qlora32b-cap24
 bench mg-full8b-cap80 $L/full-fsdp2-80gb.yaml --gpus 2 --cap-gib 80 --only loft --warmup 1 --steps 2 \
   --set gradient_accumulation_steps=2
 keep mg-full8b-cap80
+bench mg-qlora32b-fsdp1-cap24 $Q/qlora-fsdp1-24gb.yaml --gpus 2 --cap-gib 24 --only loft --warmup 1 --steps 2 \
+  --set gradient_accumulation_steps=2
+keep mg-qlora32b-fsdp1-cap24
+if [[ $(field mg-qlora32b-fsdp1-cap24 loft status) != ok ]]; then
+  bench mg-qlora32b-fsdp1-nocap $Q/qlora-fsdp1-24gb.yaml --gpus 2 --only loft --warmup 1 --steps 2 \
+    --set gradient_accumulation_steps=2
+  keep mg-qlora32b-fsdp1-nocap
+fi
 wait
 echo "=== done ($SECONDS s)"
