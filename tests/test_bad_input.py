@@ -212,6 +212,11 @@ def _broken_adapter(tmp_path, model_dir, case) -> Path:
     elif case == "base config not JSON":
         base = copy_model(model_dir, tmp_path / "base", config__json="{{{")
         (a / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    elif case == "FSDP sharded checkpoint":  # what SHARDED_STATE_DICT leaves in checkpoint-N: no adapter file
+        (a / "adapter_model.safetensors").unlink()
+        (a / "adapter_config.json").unlink()
+        (a / "pytorch_model_fsdp_0").mkdir()
+        (a / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"\0" * 64)
     elif case == "shape mismatch":  # trained on a model with another hidden size
         shutil.rmtree(a)
         a = tiny_adapter(a, model_dir, hidden=64)
@@ -228,6 +233,8 @@ MERGE_CASES = {
     "DoRA": r"uses use_dora, which loft merge does not handle; merge it with `axolotl merge-lora`",
     "base not found": r"base .*gone is neither a directory nor a cached hub model; pass --base",
     "base config not JSON": r"base/config.json is not valid JSON.*restore the base model's config.json",
+    "FSDP sharded checkpoint": r"is an FSDP sharded checkpoint, not an adapter; gather it with `accelerate "
+                               r"merge-weights .*pytorch_model_fsdp_0 OUT`",
     "shape mismatch": r"adapter changes .*q_proj.weight with shape \(576, 576\)|with shape \(64, 64\) but the base .* has "
                       r"\(576, 576\).*pass the --base it was trained on",
 }

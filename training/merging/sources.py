@@ -72,6 +72,13 @@ def find(adapter_dir: Path, base: str | None, out: Path | None, dtype: str, devi
 
 
 def read_adapter(adapter_dir: Path) -> dict:
+    sharded = adapter_dir / "pytorch_model_fsdp_0"
+    if sharded.is_dir() and not (adapter_dir / "adapter_model.safetensors").is_file():
+        # A checkpoint saved with fsdp_state_dict_type SHARDED_STATE_DICT: each rank's piece, no adapter file.
+        # accelerate's own tool gathers it; the result is the adapter's weights under their PEFT names.
+        raise LoftError(f"{adapter_dir} is an FSDP sharded checkpoint, not an adapter; gather it with `accelerate "
+                        f"merge-weights {sharded} OUT`, rename OUT/model.safetensors to adapter_model.safetensors, "
+                        "copy the run's adapter/adapter_config.json into OUT, then `loft merge --adapter OUT`")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoftError(f"{adapter_dir} has no adapter_config.json; pass the LoRA output folder, "
                         "e.g. runs/<run>/adapter")
