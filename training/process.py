@@ -34,7 +34,7 @@ def client_host(host: str) -> str:
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
+        s.bind((client_host(host), 0))
         return s.getsockname()[1]
 
 

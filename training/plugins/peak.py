@@ -72,9 +72,3 @@ class PeakProbe:
 
 PROBE = PeakProbe()
 
-
-def process_peak(memory: dict) -> float:
-    """The whole process's peak allocated GiB of a guard or speed record. Records written before the probe was
-    shared (benchmarks/results/measure-2026-11-22.json) kept training's peak under peak_allocated_gib and loading's
-    apart; the larger of the two is the process's in either form."""
-    return max(memory["peak_allocated_gib"], memory.get("load_peak_allocated_gib") or 0)
