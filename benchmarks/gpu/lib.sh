@@ -8,8 +8,12 @@ OUT="${OUT:-runs/gpu-out}"
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 540 ))}"
 ONLY="${ONLY:-}"
 mkdir -p "$OUT"
-# shellcheck source=/dev/null
-source .whl/activate.sh || exit 1
+# Several scripts may run at once (one per GPU): the caller then installs once, exports LOFT_WHEELS_READY=1, and
+# no script reinstalls under another's feet.
+if [[ -z ${LOFT_WHEELS_READY:-} ]]; then
+  # shellcheck source=/dev/null
+  source .whl/activate.sh || exit 1
+fi
 export PYTHONPATH="$PWD:$PYTHONPATH"
 
 finish() {

@@ -17,6 +17,8 @@
 #   mg-full8b-cap80          full-fsdp2-80gb.yaml on 2 GPUs, each rank capped at 80 GiB
 #   mg-qlora32b-fsdp1-cap24  qlora-fsdp1-24gb.yaml (sharded 4-bit loading) on 2 GPUs, each rank capped at 24 GiB
 #   mg-qlora32b-fsdp1-nocap  the same uncapped, only when the capped run did not end ok: where its peaks really are
+#   mg-qlora32b-merge        that run's adapter through `loft merge` on the CPU (a second call while the host is warm:
+#                            ONLY=mg-qlora32b-merge; the random 32B stays in runs/ between calls)
 #
 # Time on 2 × H200 (expected, not yet run): wheels ~40 s; the random Llama-3.1-8B (16 GB) ~40 s; the random
 # Qwen2.5-32B (65 GB on disk, built on GPU 1 in the background while the 1-GPU run uses GPU 0) ~2 min; the four
@@ -134,6 +136,53 @@ if [[ $(field mg-qlora32b-fsdp1-cap24 loft status) != ok ]]; then
   bench mg-qlora32b-fsdp1-nocap $Q/qlora-fsdp1-24gb.yaml --gpus 2 --only loft --warmup 1 --steps 2 \
     --set gradient_accumulation_steps=2
   keep mg-qlora32b-fsdp1-nocap
+fi
+
+# The FSDP1 run's adapter (the capped run's, else the uncapped one's) through `loft merge` on the host's CPU, with
+# its fidelity check and QLoRA gap, on 16 of the 32 cores so a GPU script can run beside it. The merged 32B
+# (65 GB) does not fit beside the random base (65 GB) on the 128 GB disk: it goes to a RAM-backed tmpfs, and is
+# deleted once its report is copied. One short held-out chat keeps the CPU forward passes of a 32B model short;
+# the loads (seven of a 65 GB model: fp32 reference, merged, rounding floor, NF4 view, the QLoRA candidates) are
+# what the merge of a 32B costs anyway.
+if wanted mg-qlora32b-merge && ! skip mg-qlora32b-merge; then
+  adapter=""
+  for run in mg-qlora32b-fsdp1-cap24 mg-qlora32b-fsdp1-nocap; do
+    [[ -f runs/bench-speed/$run/loft/adapter/adapter_model.safetensors ]] && { adapter=runs/bench-speed/$run/loft/adapter; break; }
+  done
+  ram=/dev/shm
+  avail() { df -BG --output=avail "$1" 2>/dev/null | tail -1 | tr -dc 0-9; }
+  if (( $(avail $ram) < 70 )); then
+    mount -o remount,size=120G /dev/shm 2>/dev/null \
+      || { mkdir -p /mnt/loft-ram && mount -t tmpfs -o size=120G tmpfs /mnt/loft-ram && ram=/mnt/loft-ram; }
+  fi
+  df -h "$ram" | tee "$OUT/merge-32b-tmpfs.txt"
+  if [[ -z $adapter ]]; then
+    echo "NO ADAPTER: no 32B FSDP1 run saved one" | tee "$OUT/merge-32b.log"
+  else
+    echo "=== mg-qlora32b-merge ($SECONDS s): $adapter -> $ram/merged-qwen32b"
+    printf '%s\n' '{"messages": [{"role": "user", "content": "Speak a line of verse about the sea."}, {"role": "assistant", "content": "The sea doth sigh, and in her sighing sings."}]}' >runs/merge-eval-1row.jsonl
+    rm -rf "$ram/merged-qwen32b" "$ram/merged-qwen32b.REJECTED"
+    OMP_NUM_THREADS=16 taskset -c 0-15 python3 - "$adapter" "$ram/merged-qwen32b" >"$OUT/merge-32b.log" 2>&1 <<'PY'
+import json, resource, subprocess, sys, time
+started = time.time()
+cmd = [sys.executable, "-m", "training.cli", "merge", "--adapter", sys.argv[1], "--out", sys.argv[2],
+       "--eval", "runs/merge-eval-1row.jsonl", "--force"]
+print(" ".join(cmd), flush=True)
+try:
+    rc = subprocess.call(cmd, timeout=int(__import__("os").environ.get("MERGE_TIMEOUT", "520")))
+except subprocess.TimeoutExpired:
+    rc = "timeout"
+print(json.dumps({"rc": rc, "wall_s": round(time.time() - started, 1), "command": "loft " + " ".join(cmd[3:]),
+                  "max_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}))
+PY
+    tail -3 "$OUT/merge-32b.log"
+    for d in "$ram/merged-qwen32b" "$ram/merged-qwen32b.REJECTED"; do
+      [[ -f $d/merge-report.json ]] && cp "$d/merge-report.json" "$OUT/merge-32b-report.json"
+      [[ -f $d/loft-manifest.json ]] && cp "$d/loft-manifest.json" "$OUT/merge-32b-manifest.json"
+    done
+    du -sh "$ram"/merged-qwen32b* 2>/dev/null | tee -a "$OUT/merge-32b.log"
+    rm -rf "$ram"/merged-qwen32b* "$ram"/.merged-qwen32b*
+  fi
 fi
 wait
 echo "=== done ($SECONDS s)"
