@@ -122,12 +122,20 @@ def measured_recipe(run: dict) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("name", ["mg-lora8b-1gpu", "mg-lora8b-2gpu", "mg-full8b-cap80"])
+@pytest.mark.parametrize("name", ["mg-lora8b-1gpu", "mg-lora8b-2gpu", "mg-full8b-cap80", "mg-qlora32b-fsdp1-cap24"])
 def test_per_gpu_estimate_is_within_ten_percent_of_the_measured_peak(name):
     run = MEASURED[name]
     est = memory.estimate_recipe(measured_recipe(run), world=run["gpus"])
     assert run["status"] == "ok" and abs(est.allocated / run["peak_allocated_gib"] - 1) <= 0.10, \
         (est.allocated, run["peak_allocated_gib"], est.parts)
+
+
+def test_the_doctor_says_32b_qlora_fsdp1_fits_24_gib_as_measured():
+    # Sharded 4-bit loading under FSDP1: nothing loads above the training peak, and both fit the 24 GiB cap.
+    run = MEASURED["mg-qlora32b-fsdp1-cap24"]
+    est = memory.estimate_recipe(measured_recipe(run), world=run["gpus"])
+    assert run["status"] == "ok" and all(g["peak_reserved_gib"] <= run["cap_gib"] for g in run["per_gpu"])
+    assert est.loading <= est.allocated and est.needed <= run["cap_gib"], (est.loading, est.allocated, est.needed)
 
 
 def test_the_doctor_says_32b_qlora_fsdp2_does_not_load_in_24_gib_as_measured():
