@@ -8,7 +8,7 @@
 #   CASES=qwen-full bash benchmarks/gpu/vs-peers.sh
 # A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
 # group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
-# long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama, levers-qwen-c, levers-llama-b;
+# long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama, levers-padding, levers-padding-llama;
 # smoke (every runner on a tiny random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply.
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
 export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
@@ -83,19 +83,21 @@ if want levers-qwen-b; then
   lever qwen-full-offload "${QF[@]}" --set gradient_checkpointing=offload  # TRL's offloader instead of recompute
   lever qwen-full-compile "${QF[@]}" --set torch_compile=true
 fi
-# cuDNN's attention the way the peers reach it: K/V repeated to the query heads, cuDNN first in SDPA's order
-# (training/plugins/attention.py); --profile shows which attention kernel really ran. Then the same with only the
-# checkpointed layer inputs offloaded to CPU RAM (Unsloth's memory), and Axolotl's torch.compile of the model.
-ATTN=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.attention.CudnnAttentionPlugin]")
-if want levers-qwen-c; then
-  lever qwen-full-cudnn-repeat "${QF[@]}" "${ATTN[@]}" --profile
-  lever qwen-full-cudnn-repeat-hs "${QF[@]}" "${ATTN[@]}" --set activation_offloading=hidden_states
-  lever qwen-full-compile "${QF[@]}" --set torch_compile=true
+# Measured 2026-11-30 (the lever-*-cudnn-repeat*, -compile runs): repeating K/V with cuDNN first in SDPA's order
+# (the plugin of commit 76419ce) changed neither the kernel nor the speed: Axolotl's packed rows never reach SDPA's
+# dispatcher, they go to varlen_attn. Full-length rows count as packed because Axolotl pads them with positions
+# that restart at 0: training/plugins/padding.py continues them, so a one-document row takes plain causal SDPA
+# (cuDNN); --profile shows the kernel that ran. hidden_states offloading: Unsloth's memory, at no measured speed cost.
+PAD=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.padding.ContinuedPaddingPlugin]")
+HS=(--set activation_offloading=hidden_states)
+if want levers-padding; then
+  lever qwen-full-recipe "${QF[@]}"
+  lever qwen-full-padding "${QF[@]}" "${PAD[@]}" --profile
+  lever qwen-full-padding-hs "${QF[@]}" "${PAD[@]}" "${HS[@]}"
 fi
-if want levers-llama-b; then
-  lever llama-bf16-cudnn-repeat "${B80[@]}" "${ATTN[@]}" --profile
-  lever llama-bf16-compile "${B80[@]}" --set torch_compile=true
+if want levers-padding-llama; then
   lever llama-bf16-recipe "${B80[@]}"
+  lever llama-bf16-padding "${B80[@]}" "${PAD[@]}" --profile
 fi
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
