@@ -15,10 +15,9 @@ from training.plugins.padding import ContinuedPadding, ContinuedPaddingPlugin, c
 
 
 def row(n: int, seed: int) -> dict:
-    """One tokenized document as Axolotl's dataset holds it: loss on its second half."""
+    """One tokenized document as Axolotl's packed dataset holds it (no attention mask): loss on its second half."""
     ids = torch.randint(5, 60, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return {"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * (n // 2) + ids[n // 2:],
-            "position_ids": list(range(n))}
+    return {"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:], "position_ids": list(range(n))}
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +38,23 @@ def test_one_document_rows_stop_counting_as_packed(collator):
     assert wrapped["position_ids"][1].tolist() == list(range(64))
     assert torch.equal(wrapped["input_ids"], one["input_ids"]) and torch.equal(wrapped["labels"], one["labels"])
 
-    two = ContinuedPadding(collator)([[row(20, 2), row(30, 3)]])  # two documents in one row
+    two = ContinuedPadding(collator)([[row(20, 2), row(30, 3)]])  # two documents in one row, then padding
     assert _is_packed(two["position_ids"])
     assert two["position_ids"][0].tolist() == list(range(20)) + list(range(44))  # the second one, continued
 
 
-def test_left_padding_holes_and_missing_masks_are_left_alone():
-    pos = torch.tensor([[0, 1, 0, 1, 2, 3]])
-    left = {"position_ids": pos.clone(), "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1]])}
-    assert torch.equal(continue_padding_positions(left)["position_ids"], pos)
-    hole = {"position_ids": pos.clone(), "attention_mask": torch.tensor([[1, 1, 0, 2, 2, 0]])}
-    assert torch.equal(continue_padding_positions(hole)["position_ids"], pos)
-    no_mask = {"position_ids": pos.clone()}
-    assert torch.equal(continue_padding_positions(no_mask)["position_ids"], pos)
-    empty = {"position_ids": pos.clone(), "attention_mask": torch.zeros(1, 6, dtype=torch.long)}
-    assert torch.equal(continue_padding_positions(empty)["position_ids"], pos)
+def test_only_a_last_segment_with_nothing_to_learn_is_continued():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    silent = torch.tensor([[-100, 7, 8, -100, 9, -100, -100, -100]])
+    got = continue_padding_positions({"position_ids": pos.clone(), "labels": silent})["position_ids"]
+    assert got.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]  # the first two documents keep their own positions
+    learned = torch.tensor([[-100, 7, 8, -100, 9, -100, 3, -100]])  # the last document has a label: a document
+    assert torch.equal(continue_padding_positions({"position_ids": pos.clone(), "labels": learned})["position_ids"],
+                       pos)
+    one = torch.tensor([[0, 1, 2, 3]])  # a single segment has nothing before it to continue
+    assert torch.equal(continue_padding_positions({"position_ids": one.clone(),
+                                                   "labels": torch.full((1, 4), -100)})["position_ids"], one)
+    assert torch.equal(continue_padding_positions({"position_ids": pos.clone()})["position_ids"], pos)  # no labels
 
 
 def loss_and_grads(model, batch):

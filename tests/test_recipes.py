@@ -199,6 +199,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 LOFT_DPO = "loft-dpo-trainer"  # the 12 GB DPO recipe once more, with trainer_cls set to Loft's DPO trainer
+LOFT_PADDING = "loft-padding"  # a packing recipe with the continued-padding plugin, through Axolotl's own trainer
 
 
 @pytest.fixture(scope="session")
@@ -209,6 +210,8 @@ def trained(tiny_models, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     jobs = {name: (RECIPES_DIR / name, []) for name in sorted(TRAINED)}
     jobs[LOFT_DPO] = (RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml",
                       ["trainer_cls=training.plugins.dpo.LoftDPOTrainer"])
+    jobs[LOFT_PADDING] = (RECIPES_DIR / "llama-3.1-8b/lora-bf16-80gb.yaml",
+                          ["plugins=[training.plugins.padding.ContinuedPaddingPlugin]"])
     out, runs = {}, []
     for i, (name, (path, extra)) in enumerate(jobs.items()):
         run_dir = root / f"run{i}"
@@ -414,6 +417,19 @@ def test_two_steps_on_cpu(name, trained):
         assert all(abs(v) < 1e-3 for v in first.values()), f"policy ≠ reference before training: {first}"
         precomputed = "Computing reference log probs for train dataset" in log  # TRL's progress bar
         assert precomputed == bool(cfg.get("precompute_ref_log_probs")), "precompute_ref_log_probs not honoured"
+
+
+@pytest.mark.slow
+def test_continued_padding_plugin_runs_inside_axolotl(trained):
+    """`plugins: [training.plugins.padding.ContinuedPaddingPlugin]` on a packing recipe: Axolotl loads it, its
+    collator is wrapped, rows ending in padding get continued positions, and the run trains and saves as before."""
+    _, run_dir = trained[LOFT_PADDING]
+    logged = scalars(run_dir)
+    assert [step for step, _ in logged.get("train/loss", [])][-1:] == [2], f"see {run_dir / 'train.log'}"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    found = re.search(r"loft padding: first batch, (\d+) of (\d+) rows end in a segment with nothing to learn",
+                      (run_dir / "train.log").read_text(errors="replace"))
+    assert found and 0 < int(found[1]) <= int(found[2]), "the plugin's collator did not run"
 
 
 # ---------------------------------------------------------------- (d) Loft's DPO trainer (trainer_cls)

@@ -13,12 +13,13 @@ benchmarks/results/attention-backends-2026-11-30.json), causal attention forward
 8,192 tokens: 6.0 ms in the FlashAttention-2 port, 3.2 ms in cuDNN; the profiles of full-length rows showed Loft on
 the former and TRL and Unsloth on the latter.
 
-What changes: the padding tail of each row gets the positions that continue its last document (…, n-1, n, n+1)
-instead of new ones (0, 1, 2). Nothing a loss sees changes: padding is last in the row, its labels are -100, and
-under causal attention no real token attends to a later position, so every real token's output and gradient are
-the same; only the padding's own (ignored) outputs differ. Rows of several documents still take the varlen kernel,
-with one document fewer. Rows padded on the left, or with no attention mask to tell padding apart, are left as they
-are. Whether it wins is `benchmarks/gpu/vs-peers.sh`'s `levers-padding` group.
+What changes: when the last segment of a row (from the last position id 0 to the end) has no label to learn
+(all -100: the collator's padding, or a document with nothing to train on), it gets the positions that continue the
+segment before it (…, n-1, n, n+1) instead of new ones (0, 1, 2). Nothing a loss sees changes: that segment is last
+in the row, so under causal attention no earlier token attends to it, and none of its own outputs predicts a label;
+every loss term and gradient is the same. Rows of several documents still take the varlen kernel, with one segment
+fewer. The batches of Axolotl's packing collator carry no attention mask (seen in a 2-step CPU run), so padding is
+told apart by its labels.
 """
 
 import torch
@@ -29,21 +30,21 @@ except ImportError:  # pragma: no cover - every Loft environment has Axolotl
     BasePlugin = object
 
 
-def continue_padding_positions(batch):
-    """Give each row's padding tail (attention_mask 0 after the last real token) the positions that continue the
-    row's last document. The batch is changed in place and returned; rows with padding anywhere but at the end
-    are left as they are."""
-    pos, mask = batch.get("position_ids"), batch.get("attention_mask")
-    if not isinstance(pos, torch.Tensor) or not isinstance(mask, torch.Tensor) or pos.shape != mask.shape:
+def continue_padding_positions(batch, ignore_index: int = -100):
+    """Give each row's last segment the positions that continue the segment before it, when none of its labels
+    is learned. The batch is changed in place and returned; rows without such a segment are left as they are."""
+    pos, labels = batch.get("position_ids"), batch.get("labels")
+    if not isinstance(pos, torch.Tensor) or not isinstance(labels, torch.Tensor) or pos.shape != labels.shape:
         return batch
     if pos.dim() != 2:
         return batch
     index = torch.arange(pos.shape[1], device=pos.device).expand_as(pos)
-    real = (mask != 0).sum(-1, keepdim=True)  # Axolotl's packed mask: 1, 2, 3... per document, 0 on padding
-    tail = index >= real
-    rows = (tail == (mask == 0)).all(-1, keepdim=True) & (real > 0)  # padding only at the end, something real
-    last = pos.gather(-1, (real - 1).clamp(min=0))
-    continued = last + 1 + (index - real)
+    start = torch.where(pos == 0, index, torch.zeros_like(index)).amax(-1, keepdim=True)  # the last segment's start
+    tail = index >= start
+    silent = ((labels == ignore_index) | ~tail).all(-1, keepdim=True)  # nothing to learn from start to the end
+    rows = silent & (start > 0)
+    before = pos.gather(-1, (start - 1).clamp(min=0))
+    continued = before + 1 + (index - start)
     batch["position_ids"] = torch.where(tail & rows, continued, pos)
     return batch
 
@@ -53,9 +54,19 @@ class ContinuedPadding:
 
     def __init__(self, inner):
         self.inner = inner
+        self.reported = False
 
     def __call__(self, features, return_tensors=None):
-        return continue_padding_positions(self.inner(features, return_tensors=return_tensors))
+        batch = self.inner(features, return_tensors=return_tensors)
+        before = batch.get("position_ids")
+        before = before.clone() if isinstance(before, torch.Tensor) else None
+        batch = continue_padding_positions(batch)
+        if not self.reported and before is not None:  # once, so a run's log shows the lever at work
+            self.reported = True
+            changed = int((batch["position_ids"] != before).any(-1).sum())
+            print(f"loft padding: first batch, {changed} of {before.shape[0]} rows end in a segment with nothing to "
+                  "learn; its positions now continue the segment before it", flush=True)
+        return batch
 
     def __getattr__(self, name):  # the trainer reads .tokenizer and others from its collator
         if name == "inner":
