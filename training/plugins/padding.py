@@ -58,10 +58,12 @@ class ContinuedPadding:
 
     def __call__(self, features, return_tensors=None):
         batch = self.inner(features, return_tensors=return_tensors)
+        if self.reported:  # every batch after the first: no copy, no count
+            return continue_padding_positions(batch)
         before = batch.get("position_ids")
         before = before.clone() if isinstance(before, torch.Tensor) else None
         batch = continue_padding_positions(batch)
-        if not self.reported and before is not None:  # once, so a run's log shows the lever at work
+        if before is not None:  # once, so a run's log shows the lever at work
             self.reported = True
             changed = int((batch["position_ids"] != before).any(-1).sum())
             print(f"loft padding: first batch, {changed} of {before.shape[0]} rows end in a segment with nothing to "
