@@ -2,6 +2,7 @@
 
 TRL 1.9's DPOTrainer._compute_loss is the oracle: both methods run on one trainer object (a tiny random Llama with
 a LoRA adapter, the reference = adapter disabled), on the same padded batch of prompt + completion pairs.
+Axolotl's fused LoRA kernels (training/plugins/dpo_kernels.py) are checked against the same model unpatched.
 """
 
 from collections import defaultdict
@@ -14,20 +15,25 @@ pytest.importorskip("axolotl")
 
 from accelerate import Accelerator  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
-from training.plugins import dpo  # noqa: E402
+from training.plugins import dpo, dpo_kernels  # noqa: E402
 
 VOCAB = 300
 
 
-def trainer(loss_types=("sigmoid",), precompute=False):
+def llama():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
-    model = get_peft_model(LlamaForCausalLM(config), lora)  # random B: policy and reference differ
+    return get_peft_model(LlamaForCausalLM(config), lora)  # random B: policy and reference differ
+
+
+def trainer(loss_types=("sigmoid",), precompute=False, model=None):
+    model = model or llama()
     t = object.__new__(dpo.LoftDPOTrainer)
     t.__dict__.update(
         accelerator=Accelerator(cpu=True), model=model, ref_model=None, beta=0.1, loss_types=list(loss_types),
@@ -126,3 +132,106 @@ def test_only_completion_tokens_reach_the_lm_head():
     finally:
         dpo.F.linear = calls
     assert seen == [int(inputs["completion_mask"][:, 1:].sum())]
+
+
+# ---------------------------------------------------------------- Axolotl's fused LoRA kernels (dpo_kernels.py)
+def qwen2(**lora):
+    """A tiny Qwen2 (the DPO recipes' family: q/k/v carry a bias) with LoRA on all seven projections, wrapped as
+    TRL wraps it (PeftModelForCausalLM), A and B random so policy and reference differ."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    lora = LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, "task_type": "CAUSAL_LM",
+                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"], **lora})
+    return get_peft_model(Qwen2ForCausalLM(config), lora)
+
+
+def policy_and_reference(t, inputs):
+    """Loss, LoRA gradients (Loft's chunked path) and reference log-probs (TRL's own pass, adapter disabled)."""
+    loss, grads, _ = run(t, dpo.LoftDPOTrainer._compute_loss, inputs)
+    with torch.no_grad():
+        ref = torch.cat(DPOTrainer.compute_ref_log_probs(t, t.model, inputs))
+    return {"loss": loss, "reference": ref, **grads}
+
+
+def differ(before, after):
+    return [k for k in before if not torch.allclose(before[k], after[k], rtol=1e-5, atol=1e-7)]
+
+
+def kernels_applied(t, inputs):
+    """Run the unpatched model, apply the kernels, run again: (values before, values after, the printed note)."""
+    before = policy_and_reference(t, inputs)
+    note = dpo_kernels.apply(t)
+    return before, policy_and_reference(t, inputs), note
+
+
+def test_lora_kernels_keep_policy_gradients_and_reference_exact():
+    """On CPU the QKV and O kernels run (the MLP one is Triton): same loss, same gradient of every LoRA weight, same
+    adapter-disabled reference log-probs as PEFT's own layers, fp32. Axolotl's class patch does not leak."""
+    attention_forward = Qwen2Attention.forward
+    t = trainer(model=qwen2())
+    before, after, note = kernels_applied(t, batch())
+    assert dpo_kernels.applied(t.model) == ({"mlp": 0, "qkv": 2, "o": 2}, 2), note
+    assert "QKV on 2/2 layers, O on 2/2 layers" in note and "CUDA only" in note
+    assert len(before) == 2 + 2 * 2 * 7  # loss, reference, A and B of 7 projections in 2 layers
+    assert differ(before, after) == []
+    assert Qwen2Attention.forward is attention_forward  # other Qwen2 models in the process keep PEFT's path
+
+
+def test_lora_kernels_check_catches_a_reference_with_the_adapter_on(monkeypatch):
+    """The comparison above can fail: kernels that ignore a disabled adapter move the reference off the SFT model
+    (the reference log-probs differ, and with them the loss that is measured against it)."""
+    from axolotl.kernels import lora as kernels
+
+    honest = kernels.get_lora_parameters
+
+    def adapter_always_on(proj):
+        disabled, proj._disable_adapters = proj._disable_adapters, False
+        try:
+            return honest(proj)
+        finally:
+            proj._disable_adapters = disabled
+
+    monkeypatch.setattr(kernels, "get_lora_parameters", adapter_always_on)
+    before, after, _ = kernels_applied(trainer(model=qwen2()), batch())
+    assert {"reference", "loss"} <= set(differ(before, after))
+
+
+def test_lora_kernels_applied_before_trls_precomputed_reference(monkeypatch):
+    """With precompute_ref_log_probs TRL runs the reference pass inside its __init__: the kernels go on first."""
+    t = trainer(precompute=True, model=qwen2())
+    t.is_world_process_zero = lambda: False
+    seen, apply = [], dpo_kernels.apply
+    monkeypatch.setattr(dpo_kernels, "apply", lambda trainer: seen.append("apply") or apply(trainer))
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps",
+                        lambda self, *a: seen.append(dpo_kernels.applied(self.model)))
+    dpo.LoftDPOTrainer._precompute_ref_logps(t, None, "train", 1)
+    dpo.LoftDPOTrainer._lora_kernels(t)  # the call at the end of __init__: already done
+    assert seen == ["apply", ({"mlp": 0, "qkv": 2, "o": 2}, 2)]
+
+
+@pytest.mark.parametrize("case, why", [
+    ("off", "LOFT_DPO_LORA_KERNELS=0"), ("dropout", "lora_dropout"), ("dora", "DoRA"), ("bias", "bias"),
+    ("deepspeed", "DeepSpeed"), ("plain PeftModel", "not a PEFT causal LM"),
+])
+def test_lora_kernels_refused_where_unsafe(case, why, monkeypatch):
+    lora = {"dropout": {"lora_dropout": 0.1}, "dora": {"use_dora": True}, "bias": {"bias": "lora_only"},
+            "plain PeftModel": {"task_type": None}}.get(case, {})
+    t = trainer(model=qwen2(**lora))
+    if case == "off":
+        monkeypatch.setenv(dpo_kernels.ENV, "0")
+    t.is_deepspeed_enabled = case == "deepspeed"
+    note = dpo_kernels.apply(t)
+    assert note.startswith("no fused LoRA kernels") and why in note, note
+    assert dpo_kernels.applied(t.model)[0] == {"mlp": 0, "qkv": 0, "o": 0}
+
+
+def test_lora_kernels_per_device_and_base():
+    """The MLP kernel is Triton (CUDA); Axolotl dequantises NF4 with CUDA calls; it refuses 8-bit bases."""
+    assert dpo_kernels.kernels_for("cuda", "4bit", "silu") == ["mlp", "qkv", "o"]
+    assert dpo_kernels.kernels_for("cuda", "plain", "gelu_pytorch_tanh") == ["mlp", "qkv", "o"]
+    assert dpo_kernels.kernels_for("cuda", "4bit", "relu2") == ["qkv", "o"]
+    assert dpo_kernels.kernels_for("cpu", "plain", "silu") == ["qkv", "o"]
+    assert dpo_kernels.kernels_for("cpu", "4bit", "silu") == []
+    assert dpo_kernels.kernels_for("cuda", "8bit", "silu") == []

@@ -417,6 +417,14 @@ def test_two_steps_on_cpu(name, trained):
         assert all(abs(v) < 1e-3 for v in first.values()), f"policy ≠ reference before training: {first}"
         precomputed = "Computing reference log probs for train dataset" in log  # TRL's progress bar
         assert precomputed == bool(cfg.get("precompute_ref_log_probs")), "precompute_ref_log_probs not honoured"
+        if cfg.get("trainer_cls") == "training.plugins.dpo.LoftDPOTrainer":
+            # Axolotl's fused LoRA kernels, applied by the trainer once TRL has wrapped the model: on CPU the QKV and O
+            # kernels on a plain base, none on nf4 (training/plugins/dpo_kernels.py), and before the reference pass
+            kernels = "loft: LoftDPOTrainer, " + ("no fused LoRA kernels: 4bit" if quantized
+                                                  else "Axolotl fused LoRA kernels: QKV on 2/2 layers, O on 2/2 layers")
+            assert kernels in log, "the trainer's LoRA kernel line is missing"
+            if precomputed:
+                assert log.index(kernels) < log.index("Computing reference log probs for train dataset")
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ must not cost the run (the guard disables itself rather than raise), and nothing
 
   guard.py      HealthGuardPlugin: the health guard (every recipe lists it; `loft train` adds it)
   dpo.py        LoftDPOTrainer: Axolotl's DPO trainer without per-step cache flushing, LM head in chunks
+  dpo_kernels.py  Axolotl's fused LoRA kernels on LoftDPOTrainer's model, once TRL has wrapped it in PEFT
   cce.py        CutCrossEntropyPlugin: the loss through Apple's cut-cross-entropy kernel (a measured lever)
   padding.py    ContinuedPaddingPlugin: one-document packed rows on cuDNN's attention (a lever to measure)
   cpu_ranks.py  CPURanksPlugin: `loft train --gpus N` on a machine without GPUs (added by loft train)

@@ -1,5 +1,5 @@
 """Loft's DPO trainer, for `trainer_cls: training.plugins.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
-plain `accelerate launch -m axolotl.cli.train`). Two changes to Axolotl 0.19's AxolotlDPOTrainer:
+plain `accelerate launch -m axolotl.cli.train`). Three changes to Axolotl 0.19's AxolotlDPOTrainer:
 
 1. No `gc.collect()` + `torch.cuda.empty_cache()` after every micro-batch (AxolotlDPOTrainer.training_step,
    axolotl/core/trainers/dpo/trainer.py). With the Axolotl stack imported a full collection takes ~1 s, and emptying
@@ -14,9 +14,12 @@ plain `accelerate launch -m axolotl.cli.train`). Two changes to Axolotl 0.19's A
    alive at a time, in training and in the reference pass. The loss and the logged metrics are TRL's (same names);
    tests/test_dpo.py checks loss and gradients against TRL's own path.
 
-Configurations this does not cover (other loss types, ld_alpha, WPO weighting, MoE aux loss, an f-divergence
-other than reverse KL, a separate reference model, a LoRA on lm_head, vision models, a wrapped model under DDP/FSDP)
-go through TRL's code unchanged.
+3. Axolotl's fused LoRA kernels (MLP, QKV, O), applied once TRL has wrapped the model in PEFT, before its
+   precomputed reference pass: training/plugins/dpo_kernels.py says why Axolotl's loader cannot, and when they apply.
+
+Configurations the chunked log-probs do not cover (other loss types, ld_alpha, WPO weighting, MoE aux loss, an
+f-divergence other than reverse KL, a separate reference model, a LoRA on lm_head, vision models, a wrapped model
+under DDP/FSDP) go through TRL's code unchanged.
 """
 
 from contextlib import ExitStack
@@ -32,6 +35,7 @@ from trl.trainer.utils import use_adapter
 
 # fp32 logits of one chunk: the memory estimator counts the same size
 from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES
+from training.plugins import dpo_kernels
 
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 
@@ -70,10 +74,22 @@ def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: 
 class LoftDPOTrainer(AxolotlDPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # with precompute_ref_log_probs, TRL runs compute_ref_log_probs in here
+        self._lora_kernels()
         if self.is_world_process_zero():
             how = (f"LM head in chunks of {self._chunk_tokens()} completion tokens" if self._chunked
                    else "TRL's log-probs (configuration not covered by the chunked path)")
             print(f"loft: LoftDPOTrainer, no gc.collect()/empty_cache() per micro-batch; {how}", flush=True)
+
+    def _lora_kernels(self):
+        """Once, as soon as TRL has wrapped the model: the first call may come from TRL's __init__ (precompute)."""
+        if "_lora_kernels_note" not in self.__dict__:
+            self._lora_kernels_note = dpo_kernels.apply(self)
+            if self.is_world_process_zero():
+                print(f"loft: LoftDPOTrainer, {self._lora_kernels_note}", flush=True)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._lora_kernels()  # so the reference pass before step 1 runs the kernels too
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the next class after AxolotlDPOTrainer in the MRO: its mixins, then TRL's DPOTrainer
