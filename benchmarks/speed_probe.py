@@ -121,6 +121,7 @@ class SpeedCallback(TrainerCallback):
         self.marks: list[tuple[float, int]] = []
         self.profiler = None
         self.top_kernels = None
+        self.timeline = None  # the profiled step: wall time against the device's busy time
         self.meta = meta or {}
         self.losses: list[float] = []  # logged train loss per step (averaged over ranks by the Trainer)
 
@@ -135,13 +136,16 @@ class SpeedCallback(TrainerCallback):
             self.profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
             self.profiler.start()
+            self.profile_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         _sync()
         self.marks.append((time.perf_counter(), self.counter.value()))
         if self.profiler is not None:
+            wall = time.perf_counter() - self.profile_started
             self.profiler.stop()
             self.top_kernels = top_kernels(self.profiler, self.out_path.with_suffix(".profile.txt"))
+            self.timeline = {"step_ms": round(wall * 1000, 1), **device_timeline(self.profiler)}
             self.profiler = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -154,10 +158,35 @@ class SpeedCallback(TrainerCallback):
     def record(self) -> dict:
         return {"runner": self.runner, "status": "ok", "cap_gib": self.cap_gib, "device": device_name(),
                 "torch": torch.__version__, "marks": self.marks, "losses": self.losses,
-                "top_kernels": self.top_kernels, **PROBE.record(), **self.meta}
+                "top_kernels": self.top_kernels, "timeline": self.timeline, **PROBE.record(), **self.meta}
 
 
-def top_kernels(prof, table_path: Path, n: int = 15) -> list[dict]:
+def device_timeline(prof, gap_us: float = 20.0) -> dict:
+    """How the device spent the profiled step: kernels and copies merged into busy intervals; the idle time between
+    them longer than gap_us is time the device waited for the host (launches, Python, synchronisations)."""
+    return timeline_of(sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                              if e.device_type == torch.autograd.DeviceType.CUDA), gap_us)
+
+
+def timeline_of(spans: list[tuple[float, float]], gap_us: float = 20.0) -> dict:
+    """spans: sorted (start, end) of device events in microseconds, possibly overlapping (several streams)."""
+    busy = idle = 0.0
+    end = None
+    for start, stop in spans:
+        if end is None or start > end:
+            if end is not None and start - end > gap_us:
+                idle += start - end
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return {"device_events": len(spans), "device_busy_ms": round(busy / 1000, 1),
+            "device_span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 1) if spans else 0.0,
+            "device_idle_gaps_ms": round(idle / 1000, 1)}
+
+
+def top_kernels(prof, table_path: Path, n: int = 25) -> list[dict]:
     """The n ops/kernels with the most self device time in the profiled step; the full table goes to table_path."""
     key = "self_device_time_total"
     events = prof.key_averages()

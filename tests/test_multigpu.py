@@ -21,7 +21,7 @@ import yaml
 
 from training.checks import memory
 from training.errors import LoftError
-from training.launcher import Topology, check_devices, command, environment
+from training.launcher import Topology, allocator_env, check_devices, command, environment
 from training.paths import REPO, apply_private_env
 
 apply_private_env()
@@ -313,6 +313,19 @@ def test_bench_speed_adds_every_ranks_tokens_and_keeps_each_peak():
     failed = summarize({**rank(0, 1000, 30.0), "other_ranks": [{"status": "does_not_fit", "error": "OOM"}]},
                        1, 1, 2, None)
     assert failed["status"] == "does_not_fit"  # one rank out of memory: the run does not fit
+
+
+def test_launch_environment_sets_expandable_segments_except_under_wsl_or_a_users_choice(monkeypatch):
+    """Expandable segments by default; never under WSL (its CUDA lacks the calls), never over a user's setting."""
+    for key in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "WSL_DISTRO_NAME", "WSL_INTEROP"):
+        monkeypatch.delenv(key, raising=False)
+    native = "Linux version 6.8.0-49-generic (buildd@lcy02-amd64-103)"
+    wsl = "Linux version 5.15.167.4-microsoft-standard-WSL2 (root@f9c826d3017f)"
+    assert allocator_env({}, native) == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    assert allocator_env({}, wsl) == {} and allocator_env({"WSL_DISTRO_NAME": "Ubuntu"}, native) == {}
+    assert allocator_env({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, native) == {}
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+    assert environment()["PYTORCH_ALLOC_CONF"] == "expandable_segments:False"
 
 
 def test_launch_environment_is_private_when_called_from_python(monkeypatch):

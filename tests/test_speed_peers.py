@@ -185,3 +185,16 @@ def test_results_table_compares_with_the_strongest_and_applies_the_goal(tmp_path
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(LoftError, match="holds neither one run"):
         table.main([str(tmp_path / "bad.json")])
+
+
+def test_profiled_step_timeline_merges_overlapping_kernels_and_counts_host_waits():
+    """Busy time is the union of device intervals (two streams overlapping count once); gaps longer than the
+    threshold are the device waiting for the host; a CPU-only profile has no device events."""
+    from benchmarks.speed_probe import device_timeline, timeline_of
+
+    t = timeline_of([(0, 100), (50, 150), (160, 200), (1200, 1300)], gap_us=20)
+    assert t == {"device_events": 4, "device_busy_ms": 0.3, "device_span_ms": 1.3, "device_idle_gaps_ms": 1.0}
+    assert timeline_of([])["device_busy_ms"] == 0.0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    assert device_timeline(prof)["device_events"] == 0

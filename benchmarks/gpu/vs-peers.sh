@@ -8,7 +8,7 @@
 #   CASES=qwen-full bash benchmarks/gpu/vs-peers.sh
 # A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
 # group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
-# long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama, levers-padding, levers-padding-llama;
+# unchanged-qwen, unchanged-llama, unchanged-dpo, long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama;
 # smoke (every runner on a tiny random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply.
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
 export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
@@ -18,7 +18,7 @@ CASES="${CASES:-qwen-full}"
 Q=recipes/qwen2.5-7b
 L=recipes/llama-3.1-8b
 PEERS=(--vs "trl,unsloth")
-TIMED=(--warmup 2 --steps 4)
+TIMED=(--warmup 2 --steps 18)  # 20 losses per runner: Loft's set beside the unchanged recipe's (unchanged-*)
 LEVER=(--only loft --warmup 2 --steps 18)  # 20 losses per lever, the loss-curve check
 want() { [[ " $CASES " == *" $1 "* ]]; }
 
@@ -86,19 +86,17 @@ fi
 # Measured 2026-11-30 (the lever-*-cudnn-repeat*, -compile runs): repeating K/V with cuDNN first in SDPA's order
 # (the plugin of commit 76419ce) changed neither the kernel nor the speed: Axolotl's packed rows never reach SDPA's
 # dispatcher, they go to varlen_attn. Full-length rows count as packed because Axolotl pads them with positions
-# that restart at 0: training/plugins/padding.py continues them, so a one-document row takes plain causal SDPA
-# (cuDNN); --profile shows the kernel that ran. hidden_states offloading: Unsloth's memory, at no measured speed cost.
-PAD=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.padding.ContinuedPaddingPlugin]")
-HS=(--set activation_offloading=hidden_states)
-if want levers-padding; then
-  lever qwen-full-recipe "${QF[@]}"
-  lever qwen-full-padding "${QF[@]}" "${PAD[@]}" --profile
-  lever qwen-full-padding-hs "${QF[@]}" "${PAD[@]}" "${HS[@]}"
-fi
-if want levers-padding-llama; then
-  lever llama-bf16-recipe "${B80[@]}"
-  lever llama-bf16-padding "${B80[@]}" "${PAD[@]}" --profile
-fi
+# that restart at 0: training/plugins/padding.py, now in both recipes, continues them, so a one-document row takes
+# plain causal SDPA (cuDNN); --profile shows the kernel that ran.
+# The recipes as they were before the padding lever, hidden_states offloading and the DPO trainer's LoRA kernels
+# went in: Loft alone, 20 steps on the same rows, so the first 20 losses of each case can be set beside the
+# shipped recipe's (a lever that changes the loss curve does not count). The allocator default (expandable
+# segments, training/launcher.py) is the launcher's, in both.
+LIGER_ONLY=(--set "plugins=[axolotl.integrations.liger.LigerPlugin]")
+want unchanged-qwen && lever qwen-full-unchanged "${QF[@]}" "${LIGER_ONLY[@]}" --set activation_offloading=null
+want unchanged-llama && lever llama-bf16-unchanged "${B80[@]}" "${LIGER_ONLY[@]}"
+want unchanged-dpo && LOFT_DPO_LORA_KERNELS=0 lever qwen-dpo-unchanged $Q/dpo-qlora-12gb.yaml --data full \
+  --cap-gib 11 --set gradient_accumulation_steps=2
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
   lever llama-bf16-cce "${B80[@]}" "${CCE[@]}"
