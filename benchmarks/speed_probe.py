@@ -31,6 +31,7 @@ ENV_OUT = "LOFT_SPEED_OUT"
 ENV_CAP = "LOFT_SPEED_CAP_GIB"
 ENV_PAD = "LOFT_SPEED_PAD_ID"
 ENV_PROFILE_STEP = "LOFT_SPEED_PROFILE_STEP"
+ENV_TRACE = "LOFT_SPEED_TRACE"  # 1: the profiled step's whole timeline is also written, gzipped, for chrome://tracing
 
 
 def rank_path(path: str | Path) -> Path:
@@ -130,13 +131,16 @@ class SpeedCallback(TrainerCallback):
         _sync()
         PROBE.start_training()  # what loading took; training's own peak starts here
         self.marks = [(time.perf_counter(), self.counter.value())]
+        if self.profile_step == 1:
+            self._start_profile()
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.profile_step and state.global_step + 1 == self.profile_step:
-            self.profiler = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-            self.profiler.start()
-            self.profile_started = time.perf_counter()
+    def _start_profile(self) -> None:
+        """From the end of the step before the profiled one: the same interval a timed step is measured over, so
+        the time between steps (the next batch, logging, callbacks) is in the profile too."""
+        self.profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+        self.profiler.start()
+        self.profile_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         _sync()
@@ -146,7 +150,11 @@ class SpeedCallback(TrainerCallback):
             self.profiler.stop()
             self.top_kernels = top_kernels(self.profiler, self.out_path.with_suffix(".profile.txt"))
             self.timeline = {"step_ms": round(wall * 1000, 1), **device_timeline(self.profiler)}
+            if os.environ.get(ENV_TRACE) == "1":
+                write_trace(self.profiler, self.out_path.with_suffix(".trace.json.gz"))
             self.profiler = None
+        elif self.profile_step and state.global_step + 1 == self.profile_step:
+            self._start_profile()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -186,11 +194,24 @@ def timeline_of(spans: list[tuple[float, float]], gap_us: float = 20.0) -> dict:
             "device_idle_gaps_ms": round(idle / 1000, 1)}
 
 
+def write_trace(prof, path: Path) -> None:
+    import gzip
+    import shutil
+
+    raw = path.with_suffix("")  # .trace.json
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+
+
 def top_kernels(prof, table_path: Path, n: int = 25) -> list[dict]:
-    """The n ops/kernels with the most self device time in the profiled step; the full table goes to table_path."""
+    """The n ops/kernels with the most self device time in the profiled step; the full table goes to table_path,
+    with the ops that took the most host time after it (where the host, not the device, sets the pace)."""
     key = "self_device_time_total"
     events = prof.key_averages()
-    table_path.write_text(events.table(sort_by=key, row_limit=40))
+    table_path.write_text(events.table(sort_by=key, row_limit=40) + "\n\nby host time:\n"
+                          + events.table(sort_by="self_cpu_time_total", row_limit=40))
     total = sum(getattr(e, key, 0) for e in events) or 1
     rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:n]
     return [{"name": e.key[:120], "self_device_ms": round(getattr(e, key, 0) / 1000, 2),

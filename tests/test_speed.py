@@ -1,6 +1,7 @@
 """`loft bench speed` harness logic on the CPU: token counting, throughput and MFU arithmetic, synthetic data,
 the benchmark config, the JSON a run leaves, and the "does not fit" path. No GPU numbers here."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -109,6 +110,32 @@ def test_callback_writes_marks_and_throughput_follows(tiny_model, tmp_path):
     summary = speed_metrics.summarize(record, params=7_615_616_512, warmup=1, steps=2, peak_override=989.4)
     assert summary["tokens"] == 8 and summary["tokens_per_step"] == 4
     assert summary["mfu"] == pytest.approx(6 * 7_615_616_512 * summary["tokens_per_s"] / 989.4e12, abs=1e-4)
+
+
+def test_profiled_step_spans_the_interval_a_timed_step_is_measured_over(tiny_model, tmp_path, monkeypatch):
+    """The profile starts where the step before it ended (the time between steps is part of a step's cost) and
+    stops at the profiled step's end; the timed marks are the same as without it; the trace is written on request."""
+    monkeypatch.setenv(speed_probe.ENV_TRACE, "1")
+    cb = speed_probe.SpeedCallback(tmp_path / "r.json", "loft", pad_id=0, profile_step=3)
+
+    class State:
+        global_step = 0
+
+    cb.on_train_begin(None, State, None, model=tiny_model)
+    for step in range(3):
+        if step == 2:
+            assert cb.profiler is not None  # already running before the profiled step begins
+        tiny_model(input_ids=torch.tensor([[5, 6, 7, 8, 0]]))
+        State.global_step = step + 1
+        cb.on_step_end(None, State, None)
+    cb.on_train_end(None, State, None)
+    cb.counter.handle.remove()
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert [n for _, n in record["marks"]] == [0, 4, 8, 12] and cb.profiler is None
+    assert record["timeline"]["step_ms"] > 0 and record["timeline"]["device_events"] == 0  # CPU: no device
+    assert record["top_kernels"] and "by host time" in (tmp_path / "r.profile.txt").read_text()
+    with gzip.open(tmp_path / "r.trace.json.gz") as f:
+        assert json.load(f)["traceEvents"]
 
 
 # ---------------------------------------------------------------- "does not fit"

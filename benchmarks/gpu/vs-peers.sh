@@ -8,7 +8,8 @@
 #   CASES=qwen-full bash benchmarks/gpu/vs-peers.sh
 # A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
 # group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
-# unchanged-qwen, unchanged-llama, unchanged-dpo, long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama;
+# unchanged-qwen, unchanged-llama, unchanged-dpo, long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama,
+# levers-host-llama, levers-host-qwen;
 # smoke (every runner on a tiny random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply.
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
 export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
@@ -97,6 +98,24 @@ want unchanged-qwen && lever qwen-full-unchanged "${QF[@]}" "${LIGER_ONLY[@]}" -
 want unchanged-llama && lever llama-bf16-unchanged "${B80[@]}" "${LIGER_ONLY[@]}"
 want unchanged-dpo && LOFT_DPO_LORA_KERNELS=0 lever qwen-dpo-unchanged $Q/dpo-qlora-12gb.yaml --data full \
   --cap-gib 11 --set gradient_accumulation_steps=2
+# Where the host sets the pace: on full-length rows Loft's device work matched Unsloth's (Llama bf16: 544 vs 537 ms
+# busy per step) but the device sat idle 66-78 ms per step waiting for the host, Unsloth's 5 ms (timeline of the
+# profiled steps, 2026-11-30). Loft alone, 6 steps and a profiled one with its whole trace (LOFT_SPEED_TRACE=1),
+# the recipe and three levers that cut host work: compiled, Axolotl's LoRA kernels off, Liger's norm and RoPE off.
+HOST=(--only loft --warmup 2 --steps 4 --profile)
+if want levers-host-llama; then
+  LOFT_SPEED_TRACE=1 bench host-llama-bf16-recipe "${B80[@]}" "${HOST[@]}"
+  bench host-llama-bf16-compile "${B80[@]}" "${HOST[@]}" --set torch_compile=true
+  bench host-llama-bf16-kernels-off "${B80[@]}" "${HOST[@]}" --set lora_mlp_kernel=false \
+    --set lora_qkv_kernel=false --set lora_o_kernel=false
+  bench host-llama-bf16-liger-off "${B80[@]}" "${HOST[@]}" --set liger_rms_norm=false --set liger_rope=false
+fi
+if want levers-host-qwen; then
+  LOFT_SPEED_TRACE=1 bench host-qwen-full-recipe "${QF[@]}" "${HOST[@]}"
+  bench host-qwen-full-compile "${QF[@]}" "${HOST[@]}" --set torch_compile=true
+  bench host-qwen-full-kernels-off "${QF[@]}" "${HOST[@]}" --set lora_mlp_kernel=false \
+    --set lora_qkv_kernel=false --set lora_o_kernel=false
+fi
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
   lever llama-bf16-cce "${B80[@]}" "${CCE[@]}"
