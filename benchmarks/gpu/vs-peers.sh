@@ -9,7 +9,7 @@
 # A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
 # group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
 # unchanged-qwen, unchanged-llama, unchanged-dpo, long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama,
-# levers-host-llama, levers-host-qwen;
+# levers-host-llama, levers-host-qwen, levers-lean-llama, levers-lean-qwen;
 # smoke (every runner on a tiny random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply.
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
 export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
@@ -116,6 +116,10 @@ if want levers-host-qwen; then
   bench host-qwen-full-kernels-off "${QF[@]}" "${HOST[@]}" --set lora_mlp_kernel=false \
     --set lora_qkv_kernel=false --set lora_o_kernel=false
 fi
+# training/plugins/lean.py: the Trainer's per-step model walks and its loss NaN check, gone (same rows, 6 steps).
+LEAN=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.padding.ContinuedPaddingPlugin, training.plugins.lean.LeanStepPlugin]")
+want levers-lean-llama && bench host-llama-bf16-lean "${B80[@]}" "${HOST[@]}" "${LEAN[@]}"
+want levers-lean-qwen && bench host-qwen-full-lean "${QF[@]}" "${HOST[@]}" "${LEAN[@]}"
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
   lever llama-bf16-cce "${B80[@]}" "${CCE[@]}"
