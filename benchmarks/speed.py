@@ -264,7 +264,9 @@ def run(args) -> int:
     mean = sum(row_lengths(256, args.data, seq)) / 256
     packed = bool(cfg.get("sample_packing")) and task == "sft"
     loft_step_tokens = mb * ga * (seq if packed else mean) * args.gpus  # every rank takes its own rows
-    rows = math.ceil(total * loft_step_tokens / mean * 1.5) + 64
+    # rows for one step more than the timed ones whether or not --profile adds its step: profiling a run must not
+    # change its rows, so the losses of a profiled run and an unprofiled one of the same steps compare one to one
+    rows = math.ceil((args.warmup + args.steps + 1) * loft_step_tokens / mean * 1.5) + 64
     data = work / f"{task}-{args.data}-{seq}.jsonl"
     mean = write_rows(data, task, row_lengths(rows, args.data, seq), seed=0)
 

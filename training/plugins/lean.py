@@ -5,8 +5,8 @@
       - training.plugins.lean.LeanStepPlugin
 
 Why: on full-length rows the GPU sat idle 86 ms of a 633 ms Llama-3.1-8B bf16 LoRA step, waiting for the host
-(Unsloth: 5 ms; one profiled step each on an H200, 2026-11-30, benchmarks/results/vs-peers-2026-11-30.json). The
-trace of that step shows the longest wait, 22 ms, right after the backward pass: transformers' Trainer checks each
+(Unsloth: 5 ms; one profiled step each on an H200, 2026-11-30, benchmarks/results/vs-peers-2026-11-30-round2.json).
+The trace of that step shows the longest wait, 22 ms, right after the backward pass: transformers' Trainer checks each
 micro-batch's loss for NaN/Inf (`logging_nan_inf_filter`, which makes the host wait for the backward pass to end),
 and then, with the GPU idle, counts the model's parameters for its FLOPs log (`floating_point_ops` calls
 `num_parameters`, a walk over the PEFT model's ~2,700 modules: 18 ms on a 32-layer model on this project's CPU),
