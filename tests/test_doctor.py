@@ -336,6 +336,14 @@ def test_missing_quantization_and_kernel_packages(tmp_path, data, monkeypatch):
     assert "LOFT-L210" not in findings(path, data=False)
 
 
+def test_padding_lever_without_sdpa_is_one_error_naming_the_fix(tmp_path, data):
+    plugins = ["axolotl.integrations.liger.LigerPlugin", lints.PADDING_PLUGIN]
+    f = only(findings(make(tmp_path, data, plugins=plugins, attn_implementation="eager"), data=False),
+             "LOFT-L211", "error")
+    assert "attn_implementation: eager" in f.reason and "sdpa" in f.fix
+    assert "LOFT-L211" not in findings(make(tmp_path, data, plugins=plugins, attn_implementation="sdpa"), data=False)
+
+
 # ---------------------------------------------------------------- M3xx memory
 def test_estimator_matches_measured_peaks():
     """Every Axolotl run committed from the GPU host within ±10%, at least 8 of them from

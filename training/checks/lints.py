@@ -5,6 +5,7 @@
   L203 learning rate 0, or mostly warm-up / ≈ 0    L208 trust_remote_code: true
   L204 a small dataset seen many times (overfit)   L209 flash attention requested but missing or ABI-broken
   L205 gradient clipping off                       L210 bitsandbytes / torchao / liger-kernel missing
+  L211 a Loft plugin without what it works on (the padding lever without SDPA)
 
 Each takes the raw recipe, the Report (its data stats fill coverage), and the architecture and memory estimate.
 """
@@ -16,6 +17,8 @@ import sys
 
 from training.arch import quantized_name
 from training.recipe import RecipeFacts
+
+PADDING_PLUGIN = "training.plugins.padding.ContinuedPaddingPlugin"
 
 
 def effective_batch(cfg: dict) -> int:
@@ -137,6 +140,13 @@ def check(cfg: dict, report, arch, est):
                        "attn_implementation: sdpa (about as fast on recent GPUs), or install the flash-attn wheel "
                        "built for this exact torch and CUDA", key="flash_attention" if "flash_attention" in cfg
                        else "attn_implementation")
+    # L211 the padding lever picks between Axolotl's two SDPA paths: under another attention it raises in Axolotl
+    plugins = [str(x) for x in cfg.get("plugins") or []]
+    if PADDING_PLUGIN in plugins and (flash or cfg.get("attn_implementation") not in (None, "sdpa")):
+        report.add("LOFT-L211", "error", f"{PADDING_PLUGIN} needs attn_implementation: sdpa, and this recipe sets "
+                   f"{'flash attention' if flash else 'attn_implementation: ' + str(cfg.get('attn_implementation'))}",
+                   "attn_implementation: sdpa, or remove the plugin (flash_attention_2 already takes one-document "
+                   "rows on its fast path)", key="plugins")
     for package, why, key in needed_packages(cfg):
         if not importable(package):
             report.add("LOFT-L210", "error", f"{why} needs the `{package}` package, which is not installed",
