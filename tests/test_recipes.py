@@ -460,6 +460,33 @@ def test_loft_dpo_trainer_skips_axolotl_per_step_cleanup(monkeypatch):
     assert calls == ["gc.collect", "empty_cache"]
 
 
+def test_loft_dpo_trainer_steps_inside_the_activation_offloading_context(monkeypatch):
+    """`activation_offloading` reaches DPO: LoftDPOTrainer carries Axolotl's ActivationOffloadingMixin (whose
+    __init__ builds the context from the recipe's key) and runs each step inside it."""
+    from contextlib import contextmanager
+
+    from axolotl.core.trainers.dpo import trainer as axolotl_dpo
+    from axolotl.core.trainers.mixins.activation_checkpointing import ActivationOffloadingMixin
+
+    from training.plugins.dpo import LoftDPOTrainer
+
+    assert issubclass(LoftDPOTrainer, ActivationOffloadingMixin)
+    state = {"inside": False}
+
+    @contextmanager
+    def offloading():
+        state["inside"] = True
+        yield
+        state["inside"] = False
+
+    mro = LoftDPOTrainer.__mro__
+    after = mro[mro.index(axolotl_dpo.AxolotlDPOTrainer) + 1]
+    monkeypatch.setattr(after, "training_step", lambda self, model, inputs, n=None: state["inside"], raising=False)
+    trainer = object.__new__(LoftDPOTrainer)
+    trainer.activation_offload_context = offloading()
+    assert trainer.training_step(None, {}) is True and state["inside"] is False
+
+
 @pytest.mark.slow
 def test_loft_dpo_trainer_trains_the_dpo_recipe(trained):
     """`trainer_cls: training.plugins.dpo.LoftDPOTrainer` on the 12 GB DPO recipe: 2 real steps on CPU through Axolotl,

@@ -22,13 +22,14 @@ f-divergence other than reverse KL, a separate reference model, a LoRA on lm_hea
 under DDP/FSDP) go through TRL's code unchanged.
 """
 
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
+from axolotl.core.trainers.mixins.activation_checkpointing import ActivationOffloadingMixin
 from torch.utils.checkpoint import checkpoint
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
@@ -71,7 +72,11 @@ def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: 
     return seq, (torch.cat(stats, dim=1) if stats else token_logps.new_zeros(3, 0)), rows
 
 
-class LoftDPOTrainer(AxolotlDPOTrainer):
+class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
+    """ActivationOffloadingMixin is Axolotl's own, the one its SFT trainers carry: AxolotlDPOTrainer has none, so a
+    recipe's `activation_offloading` (e.g. hidden_states: the checkpointed layer inputs in CPU RAM) did nothing
+    for DPO. training_step below enters its context."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # with precompute_ref_log_probs, TRL runs compute_ref_log_probs in here
         self._lora_kernels()
@@ -92,8 +97,10 @@ class LoftDPOTrainer(AxolotlDPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # the next class after AxolotlDPOTrainer in the MRO: its mixins, then TRL's DPOTrainer
-        return super(AxolotlDPOTrainer, self).training_step(model, inputs, num_items_in_batch)
+        # the next class after AxolotlDPOTrainer in the MRO: its mixins, then TRL's DPOTrainer; inside the
+        # activation-offloading context (a null one unless the recipe sets activation_offloading)
+        with getattr(self, "activation_offload_context", None) or nullcontext():
+            return super(AxolotlDPOTrainer, self).training_step(model, inputs, num_items_in_batch)
 
     # ------------------------------------------------------------ chunked log-probs
     def _parts(self):
