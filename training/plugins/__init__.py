@@ -10,7 +10,8 @@ every recipe that names it. Everything here runs inside Axolotl's training proce
 must not cost the run (the guard disables itself rather than raise), and nothing here may import a `loft` verb.
 
   guard.py      HealthGuardPlugin: the health guard (every recipe lists it; `loft train` adds it)
-  dpo.py        LoftDPOTrainer: Axolotl's DPO trainer without per-step cache flushing, LM head in chunks
+  dpo.py        LoftDPOTrainer: Axolotl's DPO trainer without per-step cache flushing, LM head in chunks,
+                activation_offloading honoured
   dpo_kernels.py  Axolotl's fused LoRA kernels on LoftDPOTrainer's model, once TRL has wrapped it in PEFT
   cce.py        CutCrossEntropyPlugin: the loss through Apple's cut-cross-entropy kernel (a measured lever)
   padding.py    ContinuedPaddingPlugin: one-document packed rows on cuDNN's attention (in the full-row recipes)
