@@ -91,20 +91,25 @@ def test_token_counter_counts_non_padding_training_forwards(tiny_model):
     counter.handle.remove()
 
 
-def test_callback_writes_marks_and_throughput_follows(tiny_model, tmp_path):
-    cb = speed_probe.SpeedCallback(tmp_path / "r.json", "loft", pad_id=0, cap_gib=12)
-
+def drive(cb, model, steps=3, before_step=lambda step: None) -> dict:
+    """The Trainer's calls to the callback over `steps` optimizer steps of one 4-token row each; the record."""
     class State:
         global_step = 0
 
-    cb.on_train_begin(None, State, None, model=tiny_model)
-    for step in range(3):
-        tiny_model(input_ids=torch.tensor([[5, 6, 7, 8, 0]]))
+    cb.on_train_begin(None, State, None, model=model)
+    for step in range(steps):
+        before_step(step)
+        model(input_ids=torch.tensor([[5, 6, 7, 8, 0]]))
         State.global_step = step + 1
         cb.on_step_end(None, State, None)
     cb.on_train_end(None, State, None)
     cb.counter.handle.remove()
-    record = json.loads((tmp_path / "r.json").read_text())
+    return json.loads(cb.out_path.read_text())
+
+
+def test_callback_writes_marks_and_throughput_follows(tiny_model, tmp_path):
+    cb = speed_probe.SpeedCallback(tmp_path / "r.json", "loft", pad_id=0, cap_gib=12)
+    record = drive(cb, tiny_model)
     assert record["status"] == "ok" and record["cap_gib"] == 12
     assert [n for _, n in record["marks"]] == [0, 4, 8, 12]
     summary = speed_metrics.summarize(record, params=7_615_616_512, warmup=1, steps=2, peak_override=989.4)
@@ -117,20 +122,9 @@ def test_profiled_step_spans_the_interval_a_timed_step_is_measured_over(tiny_mod
     stops at the profiled step's end; the timed marks are the same as without it; the trace is written on request."""
     monkeypatch.setenv(speed_probe.ENV_TRACE, "1")
     cb = speed_probe.SpeedCallback(tmp_path / "r.json", "loft", pad_id=0, profile_step=3)
-
-    class State:
-        global_step = 0
-
-    cb.on_train_begin(None, State, None, model=tiny_model)
-    for step in range(3):
-        if step == 2:
-            assert cb.profiler is not None  # already running before the profiled step begins
-        tiny_model(input_ids=torch.tensor([[5, 6, 7, 8, 0]]))
-        State.global_step = step + 1
-        cb.on_step_end(None, State, None)
-    cb.on_train_end(None, State, None)
-    cb.counter.handle.remove()
-    record = json.loads((tmp_path / "r.json").read_text())
+    running = []  # whether the profiler runs as each step begins: only before the profiled (third) one
+    record = drive(cb, tiny_model, before_step=lambda step: running.append(cb.profiler is not None))
+    assert running == [False, False, True]
     assert [n for _, n in record["marks"]] == [0, 4, 8, 12] and cb.profiler is None
     assert record["timeline"]["step_ms"] > 0 and record["timeline"]["device_events"] == 0  # CPU: no device
     assert record["top_kernels"] and "by host time" in (tmp_path / "r.profile.txt").read_text()

@@ -37,6 +37,7 @@ from trl.trainer.utils import use_adapter
 # fp32 logits of one chunk: the memory estimator counts the same size
 from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES
 from training.plugins import dpo_kernels
+from training.plugins.lean import sharded
 
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 
@@ -113,7 +114,7 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
     def _chunked(self) -> bool:  # first read may come from TRL's __init__ (precompute), so not set in ours
         if self.use_liger_kernel or self._is_vlm or self.ld_alpha is not None or self.use_weighting:
             return False
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+        if sharded(self):
             return False  # sharded lm_head / wrapped forward: TRL's path handles those
         if self.aux_loss_enabled or str(self.f_divergence_type).split(".")[-1].lower() != "reverse_kl":
             return False

@@ -28,6 +28,8 @@ from axolotl.monkeypatch import lora_kernels as ax
 from axolotl.utils.dict import DictDefault
 from peft import LoraConfig, PeftModelForCausalLM
 
+from training.plugins.lean import sharded
+
 ENV = "LOFT_DPO_LORA_KERNELS"
 FLAGS = {"mlp": "lora_mlp_kernel", "qkv": "lora_qkv_kernel", "o": "lora_o_kernel"}  # Axolotl's keys
 
@@ -46,7 +48,7 @@ def refusal(trainer, model) -> str | None:
     """Why the kernels must not be applied to this model, or None."""
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+    if sharded(trainer):
         return "DeepSpeed/FSDP shard the weights the kernels read whole"
     if not isinstance(model, PeftModelForCausalLM):
         return f"the model is a {type(model).__name__}, not a PEFT causal LM"

@@ -31,8 +31,9 @@ except ImportError:  # pragma: no cover - every Loft environment has Axolotl
     BasePlugin = object
 
 
-def _owns_clipping(trainer) -> bool:
-    """True where DeepSpeed or FSDP clip and zero through their own engines."""
+def sharded(trainer) -> bool:
+    """True where DeepSpeed or FSDP hold the weights: they clip and zero through their own engines, and no rank
+    sees a whole weight (LoftDPOTrainer's chunked LM head and fused kernels step aside there too)."""
     return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
 
 
@@ -56,7 +57,7 @@ def make_lean(trainer, trainable_set_changes: bool = False) -> list[str]:
 
     trainer.floating_point_ops = floating_point_ops
     applied.append("parameter count for the FLOPs log taken once")
-    if trainable_set_changes or _owns_clipping(trainer):
+    if trainable_set_changes or sharded(trainer):
         return applied
 
     model = trainer.model
