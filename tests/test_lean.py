@@ -93,4 +93,48 @@ def test_where_the_trainable_set_changes_only_the_count_is_cached(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=Rows(vocab=50))
     applied = make_lean(trainer, trainable_set_changes=True)
     assert "zero_grad" not in vars(model) and "_clip_grad_norm" not in vars(trainer)
-    assert len(applied) == 2 and trainer.args.logging_nan_inf_filter is False
+    assert len(applied) == 3 and trainer.args.logging_nan_inf_filter is False
+
+
+def test_train_mode_and_unwrapped_model_are_kept_between_steps_and_evaluation_still_switches(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1)), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(vocab=50))
+    make_lean(trainer)
+    leaf = model.base_model.model.model.layers[1].mlp.down_proj
+    calls = {"n": 0}
+    stock_leaf_train = leaf.train
+
+    def counted(mode=True):
+        calls["n"] += 1
+        return stock_leaf_train(mode)
+    leaf.train = counted
+    model.train()
+    first = calls["n"]
+    for _ in range(3):  # the Trainer's call at each micro-batch: no walk down to the leaf while all is training
+        assert model.train() is model
+    assert calls["n"] == first
+    model.eval()  # evaluation switches every module, and the next train() switches them all back
+    assert not leaf.training and not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules()) and calls["n"] == first + 2
+    leaf.eval()  # one module switched on its own: the next train() is the full walk again
+    model.train()
+    assert leaf.training
+
+    import accelerate.utils.other as other
+    looked = {"n": 0}
+    stock_look = other.has_compiled_regions
+
+    def look(module):
+        looked["n"] += 1
+        return stock_look(module)
+    other.has_compiled_regions = look
+    try:
+        outs = [trainer.accelerator.unwrap_model(model) for _ in range(3)]
+    finally:
+        other.has_compiled_regions = stock_look
+    assert all(o is model for o in outs) and looked["n"] == 1

@@ -9,7 +9,7 @@
 # A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
 # group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
 # unchanged-qwen, unchanged-llama, unchanged-dpo, long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama,
-# levers-host-llama, levers-host-qwen, levers-lean-llama, levers-lean-qwen;
+# levers-host-llama, levers-host-qwen, levers-lean-llama, levers-lean-qwen, levers-dpo;
 # smoke (every runner on a tiny random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply.
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
 export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
@@ -51,7 +51,7 @@ if want qwen-dpo; then
 fi
 
 # Llama-3.1-8B QLoRA, the long recipe, one full document per step under 12 GiB: each runner's longest, lengths
-# rising until one does not fit. Loft must reach 1.25x Unsloth's longest (28,672 on an H200 on 2026-11-30).
+# rising until one does not fit. Loft must reach 1.25x Unsloth's longest (36,864 on an H200 on 2026-11-30).
 longest() {
   local runner="$1" n name; shift
   for n in "$@"; do
@@ -61,7 +61,7 @@ longest() {
     [[ $(field "$name" "$runner" status) == ok ]] || break
   done
 }
-want long-unsloth && longest unsloth 28672 32768 36864
+want long-unsloth && longest unsloth 28672 32768 36864 40960
 want long-trl && longest trl 12288 16384 20480
 want long-loft && longest loft 32768 36864 40960
 
@@ -94,8 +94,9 @@ fi
 # shipped recipe's (a lever that changes the loss curve does not count). The allocator default (expandable
 # segments, training/launcher.py) is the launcher's, in both.
 LIGER_ONLY=(--set "plugins=[axolotl.integrations.liger.LigerPlugin]")
-want unchanged-qwen && lever qwen-full-unchanged "${QF[@]}" "${LIGER_ONLY[@]}" --set activation_offloading=null
-want unchanged-llama && lever llama-bf16-unchanged "${B80[@]}" "${LIGER_ONLY[@]}"
+want unchanged-qwen && lever qwen-full-unchanged "${QF[@]}" "${LIGER_ONLY[@]}" --set activation_offloading=null \
+  --set torch_compile=false
+want unchanged-llama && lever llama-bf16-unchanged "${B80[@]}" "${LIGER_ONLY[@]}" --set torch_compile=false
 want unchanged-dpo && LOFT_DPO_LORA_KERNELS=0 lever qwen-dpo-unchanged $Q/dpo-qlora-12gb.yaml --data full \
   --cap-gib 11 --set gradient_accumulation_steps=2
 # Where the host sets the pace: on full-length rows Loft's device work matched Unsloth's (Llama bf16: 544 vs 537 ms
@@ -118,8 +119,22 @@ if want levers-host-qwen; then
 fi
 # training/plugins/lean.py: the Trainer's per-step model walks and its loss NaN check, gone (same rows, 6 steps).
 LEAN=(--set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.padding.ContinuedPaddingPlugin, training.plugins.lean.LeanStepPlugin]")
-want levers-lean-llama && bench host-llama-bf16-lean "${B80[@]}" "${HOST[@]}" "${LEAN[@]}"
-want levers-lean-qwen && bench host-qwen-full-lean "${QF[@]}" "${HOST[@]}" "${LEAN[@]}"
+# And with it, compiled as well (both host levers together).
+if want levers-lean-llama; then
+  bench host-llama-bf16-lean "${B80[@]}" "${HOST[@]}" "${LEAN[@]}"
+  bench host-llama-bf16-lean-compile "${B80[@]}" "${HOST[@]}" "${LEAN[@]}" --set torch_compile=true
+fi
+if want levers-lean-qwen; then
+  bench host-qwen-full-lean "${QF[@]}" "${HOST[@]}" "${LEAN[@]}"
+  bench host-qwen-full-lean-compile "${QF[@]}" "${HOST[@]}" "${LEAN[@]}" --set torch_compile=true
+fi
+# DPO, where Loft is slower and 0.5 GiB over Unsloth: the lean step, and hidden_states offloading (LoftDPOTrainer
+# carries Axolotl's offloading mixin, which AxolotlDPOTrainer lacks), 20 steps on the unchanged DPO rows.
+DPO=($Q/dpo-qlora-12gb.yaml --data full --cap-gib 11 --set gradient_accumulation_steps=2)
+if want levers-dpo; then
+  lever qwen-dpo-lean-offload "${DPO[@]}" --set activation_offloading=hidden_states \
+    --set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.lean.LeanStepPlugin]"
+fi
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
   lever llama-bf16-cce "${B80[@]}" "${CCE[@]}"

@@ -15,7 +15,7 @@ must not cost the run (the guard disables itself rather than raise), and nothing
   dpo_kernels.py  Axolotl's fused LoRA kernels on LoftDPOTrainer's model, once TRL has wrapped it in PEFT
   cce.py        CutCrossEntropyPlugin: the loss through Apple's cut-cross-entropy kernel (a measured lever)
   padding.py    ContinuedPaddingPlugin: one-document packed rows on cuDNN's attention (in the full-row recipes)
-  lean.py       LeanStepPlugin: the Trainer's per-step bookkeeping without model walks (a lever to measure)
+  lean.py       LeanStepPlugin: the Trainer's per-step bookkeeping without model walks (in the 12 GB, long and bf16 SFT recipes)
   cpu_ranks.py  CPURanksPlugin: `loft train --gpus N` on a machine without GPUs (added by loft train)
   peak.py       the one peak-memory probe: what the guard and `loft bench speed` call the measured peak
 """
