@@ -130,7 +130,7 @@ if want levers-lean-qwen; then
 fi
 # DPO, where Loft is slower and 0.5 GiB over Unsloth: the lean step, and hidden_states offloading (LoftDPOTrainer
 # carries Axolotl's offloading mixin, which AxolotlDPOTrainer lacks), 20 steps on the unchanged DPO rows.
-DPO=($Q/dpo-qlora-12gb.yaml --data full --cap-gib 11 --set gradient_accumulation_steps=2)
+DPO=("$Q/dpo-qlora-12gb.yaml" --data full --cap-gib 11 --set gradient_accumulation_steps=2)
 if want levers-dpo; then
   lever qwen-dpo-lean-offload "${DPO[@]}" --set activation_offloading=hidden_states \
     --set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.lean.LeanStepPlugin]"
