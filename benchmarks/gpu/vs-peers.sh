@@ -43,10 +43,10 @@ want llama-bf16 && bench vs-llama8b-lora-bf16-full "${B80[@]}" "${TIMED[@]}" "${
 
 # Qwen2.5-7B DPO QLoRA, full-length 2,048-token pairs, 2 pairs per step, under 11 GiB. Unsloth with its opt-in
 # chunked preference loss (UNSLOTH_FUSED_PREFERENCE_LOSS=1, recorded in its settings): its strongest DPO.
+DPO=("$Q/dpo-qlora-12gb.yaml" --data full --cap-gib 11 --set gradient_accumulation_steps=2)
 if want qwen-dpo; then
   export UNSLOTH_FUSED_PREFERENCE_LOSS=1
-  bench vs-qwen7b-dpo-2048-cap11 $Q/dpo-qlora-12gb.yaml --data full --cap-gib 11 \
-    --set gradient_accumulation_steps=2 "${TIMED[@]}" "${PEERS[@]}"
+  bench vs-qwen7b-dpo-2048-cap11 "${DPO[@]}" "${TIMED[@]}" "${PEERS[@]}"
   unset UNSLOTH_FUSED_PREFERENCE_LOSS
 fi
 
@@ -97,8 +97,7 @@ LIGER_ONLY=(--set "plugins=[axolotl.integrations.liger.LigerPlugin]")
 want unchanged-qwen && lever qwen-full-unchanged "${QF[@]}" "${LIGER_ONLY[@]}" --set activation_offloading=null \
   --set torch_compile=false
 want unchanged-llama && lever llama-bf16-unchanged "${B80[@]}" "${LIGER_ONLY[@]}" --set torch_compile=false
-want unchanged-dpo && LOFT_DPO_LORA_KERNELS=0 lever qwen-dpo-unchanged $Q/dpo-qlora-12gb.yaml --data full \
-  --cap-gib 11 --set gradient_accumulation_steps=2
+want unchanged-dpo && LOFT_DPO_LORA_KERNELS=0 lever qwen-dpo-unchanged "${DPO[@]}"
 # Where the host sets the pace: on full-length rows Loft's device work matched Unsloth's (Llama bf16: 544 vs 537 ms
 # busy per step) but the device sat idle 66-78 ms per step waiting for the host, Unsloth's 5 ms (timeline of the
 # profiled steps, 2026-11-30). Loft alone, 6 steps and a profiled one with its whole trace (LOFT_SPEED_TRACE=1),
@@ -130,7 +129,6 @@ if want levers-lean-qwen; then
 fi
 # DPO, where Loft is slower and 0.5 GiB over Unsloth: the lean step, and hidden_states offloading (LoftDPOTrainer
 # carries Axolotl's offloading mixin, which AxolotlDPOTrainer lacks), 20 steps on the unchanged DPO rows.
-DPO=("$Q/dpo-qlora-12gb.yaml" --data full --cap-gib 11 --set gradient_accumulation_steps=2)
 if want levers-dpo; then
   lever qwen-dpo-lean-offload "${DPO[@]}" --set activation_offloading=hidden_states \
     --set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.lean.LeanStepPlugin]"
