@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
+from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
 from training.plugins import dpo, dpo_kernels  # noqa: E402
 
@@ -40,7 +41,8 @@ def trainer(loss_types=("sigmoid",), precompute=False, model=None):
         loss_weights=[1.0] * len(loss_types), label_smoothing=0.1 if "robust" in loss_types else 0.0, ld_alpha=None,
         use_weighting=False, aux_loss_enabled=False, f_divergence_type="reverse_kl", use_liger_kernel=False,
         _is_vlm=False, precompute_ref_logps=precompute, args=SimpleNamespace(gradient_checkpointing_kwargs=None),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0)
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+        data_collator=DataCollatorForPreference(pad_token_id=0))  # right padding: the chunked path drops the mask
     return t
 
 
@@ -85,6 +87,28 @@ def test_chunked_loss_matches_trl(loss_types, monkeypatch):
     assert set(ours[2]) == set(theirs[2]) - {"aux_loss"}
     for key, value in theirs[2].items():
         assert ours[2][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_right_padded_batches_reach_the_decoder_without_the_padding_mask(monkeypatch):
+    """With TRL's right-padding collator the mask is dropped (causal SDPA; the test above shows loss and gradients
+    unchanged); with any other collator it is passed as it is."""
+    seen = []
+    t = trainer()
+    decoder = t._parts()[1]
+    stock = type(decoder).forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(kwargs.get("attention_mask"))
+        return stock(self, *args, **kwargs)
+    monkeypatch.setattr(type(decoder), "forward", forward)
+    inputs = batch(pairs=2)
+    assert not inputs["attention_mask"].all()  # the batch has padding
+    for collator, dropped in ((DataCollatorForPreference(pad_token_id=0), True), (None, False)):
+        t.__dict__.pop("_right_padded", None)
+        t.data_collator = collator
+        seen.clear()
+        dpo.LoftDPOTrainer._logps(t, inputs, reference=False)
+        assert len(seen) == 1 and (seen[0] is None) == dropped
 
 
 def test_reference_logps_match_trl_and_precompute_path():

@@ -4,6 +4,7 @@ away; and the walks it saves are really gone (counted)."""
 
 import math
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
@@ -31,6 +32,18 @@ class Losses(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(logs["loss"])
+
+
+def counted_calls(monkeypatch, owner, name) -> dict:
+    """owner.name replaced, until the test ends, by a wrapper that counts its calls in the returned {"n": ...}."""
+    calls = {"n": 0}
+    stock = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        return stock(*args, **kwargs)
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
 
 
 def train(tmp_path, lean: bool, steps=4, accum=2, poison=None):
@@ -126,15 +139,49 @@ def test_train_mode_and_unwrapped_model_are_kept_between_steps_and_evaluation_st
     assert leaf.training
 
     import accelerate.utils.other as other
-    looked = {"n": 0}
-    stock_look = other.has_compiled_regions
-
-    def look(module):
-        looked["n"] += 1
-        return stock_look(module)
-    other.has_compiled_regions = look
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        looked = counted_calls(mp, other, "has_compiled_regions")
         outs = [trainer.accelerator.unwrap_model(model) for _ in range(3)]
-    finally:
-        other.has_compiled_regions = stock_look
     assert all(o is model for o in outs) and looked["n"] == 1
+
+
+def test_axolotl_attention_router_reads_a_batch_s_documents_once_not_once_per_layer(monkeypatch):
+    """Axolotl's real SDPA router on a tiny Llama forward with packed position ids: its document count (a host
+    sync on a GPU) runs once per forward pass instead of once per layer; the logits are the same."""
+    from axolotl.monkeypatch.attention import sdpa_varlen
+
+    from training.plugins.lean import PREPARE, route_once
+    counted = counted_calls(monkeypatch, sdpa_varlen, "_is_packed")
+    assert sdpa_varlen.patch_sdpa_varlen()
+    try:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = LlamaForCausalLM(config).eval()
+        model.config._attn_implementation = "sdpa"
+        ids = torch.randint(0, 64, (1, 24))
+        pos = torch.cat([torch.arange(10), torch.arange(14)])[None]  # two documents in one row
+        with torch.no_grad():
+            stock_logits = model(input_ids=ids, position_ids=pos).logits
+            assert counted["n"] == 4  # one sync per layer
+            assert "documents per row read once per batch" in route_once()
+            assert route_once()  # idempotent: nothing wrapped twice
+            counted["n"] = 0
+            once = model(input_ids=ids, position_ids=pos).logits
+            assert counted["n"] == 1 and torch.equal(stock_logits, once)
+            model(input_ids=ids, position_ids=pos.clone())  # a new batch's tensor: asked again
+            assert counted["n"] == 2
+            pos2 = pos.clone()
+            model(input_ids=ids, position_ids=pos2)
+            pos2[0, 12] = 0  # written in place: asked again
+            model(input_ids=ids, position_ids=pos2)
+            assert counted["n"] == 4
+        # the router's starts-and-lengths helper (FlashAttention path, CUDA only) now answers with int lengths
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        wrapper = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        prepare = wrapper.__closure__[wrapper.__code__.co_freevars.index(PREPARE)].cell_contents
+        (cu_q, _), (max_q, max_k) = prepare(pos)
+        assert cu_q.tolist() == [0, 10, 24] and (max_q, max_k) == (14, 14) and isinstance(max_q, int)
+        assert prepare(pos) is prepare(pos)
+    finally:
+        sdpa_varlen.unpatch_sdpa_varlen()

@@ -8,8 +8,8 @@
 #   CASES=qwen-full bash benchmarks/gpu/vs-peers.sh
 # A 7-8B runner takes ~1.5 minutes (loading and quantizing included), so a three-runner case is ~5 minutes and one
 # group per call is the safe size. Groups, in priority order: qwen-full, qwen-packed, llama-bf16, qwen-dpo,
-# unchanged-qwen, unchanged-llama, unchanged-dpo, long-unsloth, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama,
-# levers-host-llama, levers-host-qwen, levers-lean-llama, levers-lean-qwen, levers-dpo;
+# unchanged-qwen, unchanged-llama, unchanged-dpo, long-unsloth, long-unsloth-tiled, long-loft, long-trl, levers-qwen-a, levers-qwen-b, levers-llama,
+# levers-host-llama, levers-host-qwen, levers-lean-llama, levers-lean-qwen;
 # smoke (every runner on a tiny random model, SFT and DPO, ~3 minutes) catches a broken runner cheaply.
 export LOFT_GPU_DEADLINE_AT="${LOFT_GPU_DEADLINE_AT:-$(( $(date +%s) + 420 ))}"  # no run starts after 7 minutes
 export RUN_TIMEOUT="${RUN_TIMEOUT:-500}"  # one bench, all its runners: a hang cannot eat the call
@@ -46,24 +46,31 @@ want llama-bf16 && bench vs-llama8b-lora-bf16-full "${B80[@]}" "${TIMED[@]}" "${
 DPO=("$Q/dpo-qlora-12gb.yaml" --data full --cap-gib 11 --set gradient_accumulation_steps=2)
 if want qwen-dpo; then
   export UNSLOTH_FUSED_PREFERENCE_LOSS=1
-  bench vs-qwen7b-dpo-2048-cap11 "${DPO[@]}" "${TIMED[@]}" "${PEERS[@]}"
+  bench vs-qwen7b-dpo-2048-cap11 "${DPO[@]}" "${TIMED[@]}" "${PEERS[@]}" --profile
   unset UNSLOTH_FUSED_PREFERENCE_LOSS
 fi
 
 # Llama-3.1-8B QLoRA, the long recipe, one full document per step under 12 GiB: each runner's longest, lengths
 # rising until one does not fit. Loft must reach 1.25x Unsloth's longest (36,864 on an H200 on 2026-11-30).
-longest() {
+longest() {  # TAG names the runs when one runner is measured twice (Unsloth with its tiled MLP)
   local runner="$1" n name; shift
   for n in "$@"; do
-    name="vs-llama8b-long-$runner-$n"
+    name="vs-llama8b-long-${TAG:-$runner}-$n"
     bench "$name" $L/qlora-long-12gb.yaml --only "$runner" --data full --cap-gib 12 --warmup 1 --steps 2 \
       --set sequence_len="$n" --set gradient_accumulation_steps=1
     [[ $(field "$name" "$runner" status) == ok ]] || break
   done
 }
 want long-unsloth && longest unsloth 28672 32768 36864 40960
+# Unsloth's own tiled MLP (UNSLOTH_TILED_MLP=arctic, what from_pretrained(unsloth_tiled_mlp=True) sets; recorded in
+# its settings), beside Loft's tiled MLP plugin in the recipe: each tool's longest with that lever
+if want long-unsloth-tiled; then
+  export UNSLOTH_TILED_MLP=arctic
+  TAG=unsloth-tiled longest unsloth ${LENGTHS:-49152 61440}
+  unset UNSLOTH_TILED_MLP
+fi
 want long-trl && longest trl 12288 16384 20480
-want long-loft && longest loft 32768 36864 40960
+want long-loft && longest loft ${LENGTHS:-49152 61440}
 
 # Loft's levers where it lost (full-length rows), Loft alone, 20 steps, against the unchanged recipe on the same
 # rows. Cut cross-entropy through Loft's plugin (training/plugins/cce.py): Axolotl's own needs its git fork of the
@@ -129,10 +136,6 @@ if want levers-lean-qwen; then
 fi
 # DPO, where Loft is slower and 0.5 GiB over Unsloth: the lean step, and hidden_states offloading (LoftDPOTrainer
 # carries Axolotl's offloading mixin, which AxolotlDPOTrainer lacks), 20 steps on the unchanged DPO rows.
-if want levers-dpo; then
-  lever qwen-dpo-lean-offload "${DPO[@]}" --set activation_offloading=hidden_states \
-    --set "plugins=[axolotl.integrations.liger.LigerPlugin, training.plugins.lean.LeanStepPlugin]"
-fi
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
   lever llama-bf16-cce "${B80[@]}" "${CCE[@]}"

@@ -42,6 +42,8 @@ def settings(args) -> dict:
                liger=False, kernels="Unsloth's (fused LoRA MLP/QKV/O, RoPE, RMSNorm, chunked cross-entropy)")
     if args.task == "sft" and not out["packing"]:
         out["padding_free"] = "Unsloth's default (auto)"
+    if args.task == "sft":  # Unsloth's tiled MLP: its loader reads this (unsloth_tiled_mlp=True sets "arctic")
+        out["tiled_mlp"] = os.environ.get("UNSLOTH_TILED_MLP", "0")
     if args.task == "dpo":
         out["fused_preference_loss"] = os.environ.get("UNSLOTH_FUSED_PREFERENCE_LOSS", "0") == "1"
     return out

@@ -15,7 +15,10 @@ must not cost the run (the guard disables itself rather than raise), and nothing
   dpo_kernels.py  Axolotl's fused LoRA kernels on LoftDPOTrainer's model, once TRL has wrapped it in PEFT
   cce.py        CutCrossEntropyPlugin: the loss through Apple's cut-cross-entropy kernel (a measured lever)
   padding.py    ContinuedPaddingPlugin: one-document packed rows on cuDNN's attention (in the full-row recipes)
-  lean.py       LeanStepPlugin: the Trainer's per-step bookkeeping without model walks (in the 12 GB, long and bf16 SFT recipes)
+  lean.py       LeanStepPlugin: fewer host stalls a step: the Trainer's bookkeeping without model walks, a packed
+                batch's documents read once (in the 12 GB, long, bf16 SFT and DPO recipes)
+  rope.py       FusedRopePlugin: Liger's fused RoPE inside the attention Axolotl rewrites for its LoRA kernels
+  tiled_mlp.py  TiledMLPPlugin: each MLP over a long row in 8,192-token pieces (in the long recipe)
   cpu_ranks.py  CPURanksPlugin: `loft train --gpus N` on a machine without GPUs (added by loft train)
   peak.py       the one peak-memory probe: what the guard and `loft bench speed` call the measured peak
 """

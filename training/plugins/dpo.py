@@ -1,5 +1,5 @@
 """Loft's DPO trainer, for `trainer_cls: training.plugins.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
-plain `accelerate launch -m axolotl.cli.train`). Three changes to Axolotl 0.19's AxolotlDPOTrainer:
+plain `accelerate launch -m axolotl.cli.train`). Four changes to Axolotl 0.19's AxolotlDPOTrainer:
 
 1. No `gc.collect()` + `torch.cuda.empty_cache()` after every micro-batch (AxolotlDPOTrainer.training_step,
    axolotl/core/trainers/dpo/trainer.py). With the Axolotl stack imported a full collection takes ~1 s, and emptying
@@ -17,6 +17,10 @@ plain `accelerate launch -m axolotl.cli.train`). Three changes to Axolotl 0.19's
 3. Axolotl's fused LoRA kernels (MLP, QKV, O), applied once TRL has wrapped the model in PEFT, before its
    precomputed reference pass: training/plugins/dpo_kernels.py says why Axolotl's loader cannot, and when they apply.
 
+4. No padding mask on TRL's right-padded pairs (see _logps): SDPA runs causal, which on Hopper is cuDNN's fused
+   kernel, instead of a masked kernel on K/V copied out to every head (one H200, 2026-11-30: 0.94× Unsloth with it
+   and the lean step, 0.78× before; benchmarks/RESULTS.md, fourth round).
+
 Configurations the chunked log-probs do not cover (other loss types, ld_alpha, WPO weighting, MoE aux loss, an
 f-divergence other than reverse KL, a separate reference model, a LoRA on lm_head, vision models, a wrapped model
 under DDP/FSDP) go through TRL's code unchanged.
@@ -32,6 +36,7 @@ from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.core.trainers.mixins.activation_checkpointing import ActivationOffloadingMixin
 from torch.utils.checkpoint import checkpoint
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import use_adapter
 
 # fp32 logits of one chunk: the memory estimator counts the same size
@@ -42,18 +47,21 @@ from training.plugins.lean import sharded
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 
 
-def _chunk_logps(hidden, weight, bias, labels):
-    """log p(label) for each row of hidden [c, h], with detached per-token stats for TRL's metrics."""
+def _chunk_logps(hidden, weight, bias, labels, with_stats=True):
+    """log p(label) for each row of hidden [c, h], with detached per-token stats for TRL's metrics (the reference
+    pass logs none: with_stats=False skips them)."""
     logits = F.linear(hidden, weight, bias).float()
     logz = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
+    if not with_stats:
+        return logps, logps.new_zeros(3, len(labels))
     with torch.no_grad():
         entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
         stats = torch.stack([logits.mean(-1), entropy, (logits.argmax(-1) == labels).float()])
     return logps, stats
 
 
-def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: int):
+def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: int, with_stats: bool = True):
     """Per-sequence sum of completion-token log-probs, and per-token stats [3, M] (logit mean, entropy, argmax hit)
     with the row of each of the M completion tokens. hidden: the decoder's last hidden state [R, T, h]."""
     mask = completion_mask[:, 1:].bool()  # position t predicts token t + 1
@@ -61,7 +69,8 @@ def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: 
     states, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]
     pieces, stats = [], []
     for start in range(0, len(labels), chunk_tokens):
-        args = (states[start:start + chunk_tokens], lm_head.weight, lm_head.bias, labels[start:start + chunk_tokens])
+        args = (states[start:start + chunk_tokens], lm_head.weight, lm_head.bias, labels[start:start + chunk_tokens],
+                with_stats)
         if torch.is_grad_enabled():
             logps, stat = checkpoint(_chunk_logps, *args, use_reentrant=False)
         else:
@@ -105,10 +114,19 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
 
     # ------------------------------------------------------------ chunked log-probs
     def _parts(self):
-        """(causal LM, its decoder, lm_head) of the unwrapped model."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        causal = unwrapped.base_model.model if is_peft_model(unwrapped) else unwrapped
-        return unwrapped, causal.base_model, causal.get_output_embeddings()
+        """(causal LM, its decoder, lm_head) of the unwrapped model; found once (unwrap_model walks every module, and
+        this is asked several times a micro-batch; the wrappers do not change once training runs)."""
+        if "_parts_found" not in self.__dict__:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            causal = unwrapped.base_model.model if is_peft_model(unwrapped) else unwrapped
+            self._parts_found = (unwrapped, causal.base_model, causal.get_output_embeddings())
+        return self._parts_found
+
+    @cached_property
+    def _right_padded(self) -> bool:
+        """TRL's preference collator pads every row on the right (padding_side="right", trl 1.9
+        DataCollatorForPreference): then the padding mask can go, see _logps."""
+        return isinstance(getattr(self, "data_collator", None), DataCollatorForPreference)
 
     @cached_property
     def _chunked(self) -> bool:  # first read may come from TRL's __init__ (precompute), so not set in ours
@@ -133,6 +151,12 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
         unwrapped, decoder, lm_head = self._parts()
         kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
         kwargs["use_cache"] = False
+        if self._right_padded:
+            # Under causal attention no real token attends to the padding after it, the positions are 0, 1, 2, ...
+            # either way, and padded positions carry no completion label: without the mask every log-prob is the
+            # same, and SDPA runs causal (cuDNN's fused kernel on Hopper) instead of a masked kernel on K/V copied
+            # out to every query head.
+            kwargs.pop("attention_mask", None)
         with ExitStack() as stack:
             if reference:  # no graph, and the adapter disabled (or the frozen "ref" adapter) for the whole pass
                 ref = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
@@ -141,7 +165,8 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
                 if is_peft_model(unwrapped):
                     stack.enter_context(use_adapter(unwrapped, adapter_name=ref))
             hidden = decoder(**kwargs).last_hidden_state
-            return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"], self._chunk_tokens())
+            return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"], self._chunk_tokens(),
+                                    with_stats=not reference)
 
     def compute_ref_log_probs(self, model, inputs):
         if not self._chunked:
