@@ -191,7 +191,9 @@ class LeanStepPlugin(BasePlugin):
     """`plugins: [training.plugins.lean.LeanStepPlugin]`: the Trainer's per-step bookkeeping without model walks."""
 
     def pre_model_load(self, cfg):
-        # Axolotl installs its SDPA router before any plugin's pre_model_load
+        # Axolotl installs its SDPA router (for packed rows only) before any plugin's pre_model_load
+        if not cfg.get("sample_packing"):
+            return
         try:
             applied = route_once()
         except Exception as err:  # a speed lever must never cost the run
