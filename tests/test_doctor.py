@@ -344,6 +344,18 @@ def test_padding_lever_without_sdpa_is_one_error_naming_the_fix(tmp_path, data):
     assert "LOFT-L211" not in findings(make(tmp_path, data, plugins=plugins, attn_implementation="sdpa"), data=False)
 
 
+def test_liger_rope_under_axolotl_s_lora_attention_needs_the_rope_plugin(tmp_path, data):
+    # the kernels left unset, as on a GPU recipe: Axolotl turns them on by itself for LoRA
+    rope = {"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rope": True,
+            "lora_mlp_kernel": DROP, "lora_qkv_kernel": DROP, "lora_o_kernel": DROP}
+    f = only(findings(make(tmp_path, data, **rope), data=False), "LOFT-L212", "warning")
+    assert lints.ROPE_PLUGIN in f.fix
+    plugged = dict(rope, plugins=rope["plugins"] + [lints.ROPE_PLUGIN])
+    assert "LOFT-L212" not in findings(make(tmp_path, data, **plugged), data=False)
+    for off in ({"lora_qkv_kernel": False}, {"lora_mlp_kernel": True}, {"liger_rope": False}):
+        assert "LOFT-L212" not in findings(make(tmp_path, data, **dict(rope, **off)), data=False), off
+
+
 # ---------------------------------------------------------------- M3xx memory
 def test_estimator_matches_measured_peaks():
     """Every Axolotl run committed from the GPU host within ±10%, at least 8 of them from
