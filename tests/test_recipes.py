@@ -256,6 +256,10 @@ def cpu_overrides(cfg: dict, tiny: dict[str, Path], run_dir: Path) -> list[str]:
         values["test_datasets"] = None
     if cfg.get("plugins"):  # Liger: Triton kernels, GPU only
         values["plugins"] = None
+    if cfg.get("rl") and cfg.get("activation_offloading"):
+        # with rl, Axolotl hands the setting to TRL, whose offloader asks torch.accelerator for the device: None
+        # on a machine without one. A GPU memory lever; the CPU run checks the rest of the recipe.
+        values["activation_offloading"] = None
     if cfg.get("load_in_4bit") and cfg.get("precompute_ref_log_probs"):
         # bitsandbytes 0.50 on an AVX512-BF16 CPU: the eval-mode reference pass makes Linear4bit.forward repack
         # the weights for CPU inference (packing_format_for_cpu), and the next training forward fails in

@@ -52,6 +52,7 @@ fi
 
 # Llama-3.1-8B QLoRA, the long recipe, one full document per step under 12 GiB: each runner's longest, lengths
 # rising until one does not fit. Loft must reach 1.25x Unsloth's longest (36,864 on an H200 on 2026-11-30).
+read -ra LADDER <<< "${LENGTHS:-49152 61440}"  # the tiled ladders' lengths (LENGTHS="53248 57344" for a second call)
 longest() {  # TAG names the runs when one runner is measured twice (Unsloth with its tiled MLP)
   local runner="$1" n name; shift
   for n in "$@"; do
@@ -66,11 +67,11 @@ want long-unsloth && longest unsloth 28672 32768 36864 40960
 # its settings), beside Loft's tiled MLP plugin in the recipe: each tool's longest with that lever
 if want long-unsloth-tiled; then
   export UNSLOTH_TILED_MLP=arctic
-  TAG=unsloth-tiled longest unsloth ${LENGTHS:-49152 61440}
+  TAG=unsloth-tiled longest unsloth "${LADDER[@]}"
   unset UNSLOTH_TILED_MLP
 fi
 want long-trl && longest trl 12288 16384 20480
-want long-loft && longest loft ${LENGTHS:-49152 61440}
+want long-loft && longest loft "${LADDER[@]}"
 
 # Loft's levers where it lost (full-length rows), Loft alone, 20 steps, against the unchanged recipe on the same
 # rows. Cut cross-entropy through Loft's plugin (training/plugins/cce.py): Axolotl's own needs its git fork of the
