@@ -210,9 +210,10 @@ def trained(tiny_models, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     jobs = {name: (RECIPES_DIR / name, []) for name in sorted(TRAINED)}
     jobs[LOFT_DPO] = (RECIPES_DIR / "qwen2.5-7b/dpo-qlora-12gb.yaml",
                       ["trainer_cls=training.plugins.dpo.LoftDPOTrainer"])
+    # the recipe's own plugins, Liger aside (GPU only)
     jobs[LOFT_PADDING] = (RECIPES_DIR / "llama-3.1-8b/lora-bf16-80gb.yaml",
-                          ["plugins=[training.plugins.padding.ContinuedPaddingPlugin, training.plugins.lean.LeanStepPlugin,"
-                           " training.plugins.rope.FusedRopePlugin]"])  # the recipe's own, Liger aside (GPU only)
+                          ["plugins=[training.plugins.padding.ContinuedPaddingPlugin,"
+                           " training.plugins.lean.LeanStepPlugin, training.plugins.rope.FusedRopePlugin]"])
     out, runs = {}, []
     for i, (name, (path, extra)) in enumerate(jobs.items()):
         run_dir = root / f"run{i}"
@@ -440,11 +441,11 @@ def test_continued_padding_plugin_runs_inside_axolotl(trained):
     logged = scalars(run_dir)
     assert [step for step, _ in logged.get("train/loss", [])][-1:] == [2], f"see {run_dir / 'train.log'}"
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    found = re.search(r"loft padding: first batch, (\d+) of (\d+) rows end in a segment with nothing to learn",
-                      (run_dir / "train.log").read_text(errors="replace"))
+    log = (run_dir / "train.log").read_text(errors="replace")
+    found = re.search(r"loft padding: first batch, (\d+) of (\d+) rows end in a segment with nothing to learn", log)
     assert found and 0 < int(found[1]) <= int(found[2]), "the plugin's collator did not run"
     # the lean step's routing cache, installed inside Axolotl's process (training/plugins/lean.py)
-    assert "loft lean step: documents per row read once per batch" in (run_dir / "train.log").read_text(errors="replace")
+    assert "loft lean step: documents per row read once per batch" in log
 
 
 # ---------------------------------------------------------------- (d) Loft's DPO trainer (trainer_cls)

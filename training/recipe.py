@@ -27,6 +27,22 @@ WITH_REFERENCE = ("dpo", "ipo")
 DEFAULT_SEQUENCE_LEN = 2048  # what Loft assumes when a recipe sets none
 
 
+KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")  # Axolotl's flags
+
+
+def lora_qkv_kernel(cfg: dict, adapter: str | None, rl: str | None, fsdp_version: int) -> bool:
+    """Axolotl 0.19's fused LoRA Q/K/V kernel: the recipe's flag, or, unset, Axolotl's own choice
+    (check_auto_enable_lora_kernels: on for LoRA/QLoRA without rl, no kernel flag set, not 8-bit LoRA, no remote
+    code, not FSDP1)."""
+    if cfg.get("lora_qkv_kernel") is not None:
+        return cfg.get("lora_qkv_kernel") is True
+    if rl or not adapter or any(cfg.get(k) is not None for k in KERNELS):
+        return False
+    if (adapter == "lora" and cfg.get("load_in_8bit")) or cfg.get("trust_remote_code"):
+        return False
+    return fsdp_version != 1
+
+
 @dataclass(frozen=True)
 class RecipeFacts:
     """What kind of run a recipe asks for, read once with one rule per fact (a raw YAML mapping may hold anything:
@@ -45,6 +61,7 @@ class RecipeFacts:
     fsdp: bool  # the recipe shards with FSDP (fsdp or fsdp_config)
     fsdp_version: int  # 1 or 2 when it does (fsdp_version, top level or inside fsdp_config), else 0
     fsdp_options: dict  # the fsdp_config mapping ({} when absent); keys with or without Axolotl's fsdp_ prefix
+    lora_qkv_kernel: bool  # Axolotl's fused LoRA Q/K/V kernel runs: set, or left to Axolotl, which turns it on
 
     @classmethod
     def of(cls, cfg: dict) -> "RecipeFacts":
@@ -61,6 +78,9 @@ class RecipeFacts:
         cce = any("cut_cross_entropy" in p for p in plugins) and cfg.get("cut_cross_entropy", True) is not False
         deepspeed = cfg.get("deepspeed")
         options = cfg.get("fsdp_config") if isinstance(cfg.get("fsdp_config"), dict) else {}
+        fsdp = bool(cfg.get("fsdp") or cfg.get("fsdp_config"))
+        fsdp_version = (2 if str(cfg.get("fsdp_version") or options.get("fsdp_version") or options.get("version")
+                                 or 1) == "2" else 1) if fsdp else 0
         return cls(
             adapter=adapter,
             bits=bits,
@@ -72,10 +92,10 @@ class RecipeFacts:
             fused_cross_entropy=(liger and bool(cfg.get("liger_fused_linear_cross_entropy"))) or cce,
             liger_layers=liger and bool(cfg.get("liger_rms_norm") or cfg.get("liger_glu_activation")),
             deepspeed=str(deepspeed) if deepspeed else None,
-            fsdp=bool(cfg.get("fsdp") or cfg.get("fsdp_config")),
-            fsdp_version=(2 if str(cfg.get("fsdp_version") or options.get("fsdp_version") or options.get("version")
-                                   or 1) == "2" else 1) if cfg.get("fsdp") or cfg.get("fsdp_config") else 0,
+            fsdp=fsdp,
+            fsdp_version=fsdp_version,
             fsdp_options=options,
+            lora_qkv_kernel=lora_qkv_kernel(cfg, adapter, rl, fsdp_version),
         )
 
     @property

@@ -51,7 +51,8 @@ if want qwen-dpo; then
 fi
 
 # Llama-3.1-8B QLoRA, the long recipe, one full document per step under 12 GiB: each runner's longest, lengths
-# rising until one does not fit. Loft must reach 1.25x Unsloth's longest (36,864 on an H200 on 2026-11-30).
+# rising until one does not fit. Loft must reach 1.25x Unsloth's longest (on an H200, 2026-11-30: 36,864 as it
+# is, 53,248 with its tiled MLP).
 read -ra LADDER <<< "${LENGTHS:-49152 61440}"  # the tiled ladders' lengths (LENGTHS="53248 57344" for a second call)
 longest() {  # TAG names the runs when one runner is measured twice (Unsloth with its tiled MLP)
   local runner="$1" n name; shift
@@ -135,8 +136,6 @@ if want levers-lean-qwen; then
   bench host-qwen-full-lean "${QF[@]}" "${HOST[@]}" "${LEAN[@]}"
   bench host-qwen-full-lean-compile "${QF[@]}" "${HOST[@]}" "${LEAN[@]}" --set torch_compile=true
 fi
-# DPO, where Loft is slower and 0.5 GiB over Unsloth: the lean step, and hidden_states offloading (LoftDPOTrainer
-# carries Axolotl's offloading mixin, which AxolotlDPOTrainer lacks), 20 steps on the unchanged DPO rows.
 if want levers-llama; then
   lever llama-bf16-recipe "${B80[@]}"
   lever llama-bf16-cce "${B80[@]}" "${CCE[@]}"

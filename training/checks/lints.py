@@ -21,20 +21,6 @@ from training.recipe import RecipeFacts
 
 PADDING_PLUGIN = "training.plugins.padding.ContinuedPaddingPlugin"
 ROPE_PLUGIN = "training.plugins.rope.FusedRopePlugin"
-KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-
-
-def lora_qkv_kernel_on(cfg: dict) -> bool:
-    """Axolotl 0.19's fused LoRA Q/K/V kernel: set, or left unset where Axolotl turns the kernels on by itself
-    (check_auto_enable_lora_kernels: LoRA/QLoRA, no rl, no kernel flag set, not 8-bit LoRA, no remote code, not
-    FSDP1)."""
-    if cfg.get("lora_qkv_kernel") is not None:
-        return cfg.get("lora_qkv_kernel") is True
-    if cfg.get("rl") or cfg.get("adapter") not in ("lora", "qlora") or any(cfg.get(k) is not None for k in KERNELS):
-        return False
-    if (cfg.get("adapter") == "lora" and cfg.get("load_in_8bit")) or cfg.get("trust_remote_code"):
-        return False
-    return not (cfg.get("fsdp_config") and str(cfg.get("fsdp_version")) != "2")
 
 
 def effective_batch(cfg: dict) -> int:
@@ -165,7 +151,7 @@ def check(cfg: dict, report, arch, est):
                    "rows on its fast path)", key="plugins")
     # L212 Axolotl rewrites the attention for its LoRA kernels before LigerPlugin swaps in its RoPE: without the
     # plugin that points the rewrite at Liger's function, liger_rope does nothing (training/plugins/rope.py)
-    if cfg.get("liger_rope") and lora_qkv_kernel_on(cfg) and ROPE_PLUGIN not in plugins:
+    if cfg.get("liger_rope") and RecipeFacts.of(cfg).lora_qkv_kernel and ROPE_PLUGIN not in plugins:
         report.add("LOFT-L212", "warning", "liger_rope: true, but Axolotl's fused LoRA Q/K/V kernel rewrites the "
                    "attention before Liger's RoPE is swapped in: transformers' RoPE runs instead (~6% of the GPU "
                    "time of a profiled Llama-3.1-8B step)", f"add {ROPE_PLUGIN} to plugins", key="plugins")

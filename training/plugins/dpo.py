@@ -165,8 +165,8 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
                 if is_peft_model(unwrapped):
                     stack.enter_context(use_adapter(unwrapped, adapter_name=ref))
             hidden = decoder(**kwargs).last_hidden_state
-            return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"], self._chunk_tokens(),
-                                    with_stats=not reference)
+            return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"],
+                                    self._chunk_tokens(), with_stats=not reference)
 
     def compute_ref_log_probs(self, model, inputs):
         if not self._chunked:

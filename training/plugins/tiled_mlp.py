@@ -15,8 +15,8 @@ before the model exists, and Axolotl's fused LoRA MLP kernel is then set on each
 class's forward: with the kernels on, `tiled_mlp: true` tiles nothing (and it imports DeepSpeed to choose an
 implementation). This plugin wraps each MLP's forward as it is once the trainer is built (the LoRA kernel, or
 PEFT's layers) in Axolotl's own single-device autograd function, `axolotl.monkeypatch.tiled_mlp.base.TiledMLP`.
-Rows of up to 24,576 tokens (the recipe's own length) and micro-batches of several rows run untiled. Not under DeepSpeed or FSDP
-(sharded weights need their engines' gathering; Axolotl's own switch covers those).
+Rows of up to 24,576 tokens (the recipe's own length) and micro-batches of several rows run untiled. Not under
+DeepSpeed or FSDP (sharded weights need their engines' gathering; Axolotl's own switch covers those).
 """
 
 import math
