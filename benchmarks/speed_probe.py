@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from benchmarks import memory_trace
 from training.plugins.peak import GIB, PROBE, local_device
 
 # Environment the harness sets for an Axolotl child process (SpeedPlugin reads it there).
@@ -65,6 +66,7 @@ def write(path: str | Path, record: dict) -> None:
 
 def does_not_fit(path: str | Path, runner: str, cap_gib: float | None, exc: BaseException,
                  meta: dict | None = None) -> dict:
+    memory_trace.write_if_recording(rank_path(path))
     record = {"runner": runner, "status": "does_not_fit", "cap_gib": cap_gib, "device": device_name(),
               "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__, **PROBE.record(),
               **(meta or {})}
@@ -231,6 +233,7 @@ def measure(args, runner: str, build_trainer, meta: dict) -> int:
     log)."""
     PROBE.watch()
     apply_cap(args.cap_gib)
+    memory_trace.start()
     callback = SpeedCallback(args.out, runner, args.pad_id, cap_gib=args.cap_gib, profile_step=args.profile_step,
                              meta=meta)
     try:
@@ -269,6 +272,7 @@ class SpeedPlugin(BasePlugin):
         cap = os.environ.get(ENV_CAP)
         PROBE.watch()
         apply_cap(float(cap) if cap else None)
+        memory_trace.start()
         install_oom_hook(os.environ[ENV_OUT], "loft", float(cap) if cap else None)
 
     def add_callbacks_post_trainer(self, cfg, trainer):

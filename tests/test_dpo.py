@@ -125,6 +125,22 @@ def test_reference_logps_match_trl_and_precompute_path():
                           run(p, DPOTrainer._compute_loss, pre)[0], rtol=1e-5)
 
 
+def test_reference_pass_leaves_adapters_and_checkpointing_as_they_were():
+    t = trainer()
+    t.model.gradient_checkpointing_enable({"use_reentrant": False})
+    t.model.train()
+    inputs = batch(pairs=2)
+    policy = dpo.LoftDPOTrainer._logps(t, inputs, reference=False)[0].detach()
+    reference = dpo.LoftDPOTrainer.compute_ref_log_probs(t, t.model, inputs)
+    with t.model.disable_adapter(), torch.no_grad():  # PEFT's own way to the base model
+        base = dpo.LoftDPOTrainer._logps(t, inputs, reference=False)[0]
+    assert torch.allclose(torch.cat(reference), base, atol=1e-5) and not torch.allclose(policy, base, atol=1e-3)
+    lora, checkpointed = t._toggles()
+    assert lora and checkpointed
+    assert all(not m.disable_adapters for m in lora) and all(m.gradient_checkpointing for m in checkpointed)
+    assert torch.allclose(dpo.LoftDPOTrainer._logps(t, inputs, reference=False)[0], policy, atol=1e-6)
+
+
 def test_uncovered_configurations_fall_back_to_trl():
     assert not trainer(("apo_zero",))._chunked
     t = trainer()

@@ -313,3 +313,21 @@ def test_results_md_states_the_longest_sequences_the_raw_json_holds():
     text = (REPO / "benchmarks" / "RESULTS.md").read_text()
     assert f"Loft {longest['loft']:,}" in text and f"the baseline {longest['baseline']:,}" in text
     assert "results/speed-2026-11-22-sweep.png" in text or "figures/speed-2026-11-22-sweep.png" in text
+
+
+def test_memory_trace_names_the_failed_allocation_and_what_was_live():
+    from benchmarks import memory_trace
+
+    ours = [{"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
+            {"filename": "/w/training/plugins/tiled_mlp.py", "line": 5, "name": "forward"}]
+    trace = [{"action": "alloc", "addr": 1, "size": 2**30, "frames": ours},
+             {"action": "alloc", "addr": 2, "size": 2**29, "frames": []},
+             {"action": "free_completed", "addr": 2},
+             {"action": "alloc", "addr": 3, "size": 2**28, "frames": []},
+             {"action": "oom", "size": 2**31, "frames": []},
+             {"action": "alloc", "addr": 4, "size": 2**20, "frames": ours}]  # after the failure: not live then
+    text = memory_trace.summary({"device_traces": [trace]})
+    assert "failed allocation:  2.000 GiB from (no Python frame: autograd backward)" in text
+    assert "1.250 GiB in 2 blocks" in text
+    assert "1.000 GiB  training/plugins/tiled_mlp.py:5 forward" in text
+    assert memory_trace.summary({"device_traces": [trace[:2]]}).startswith("no out-of-memory event")

@@ -52,7 +52,8 @@ fi
 
 # Llama-3.1-8B QLoRA, the long recipe, one full document per step under 12 GiB: each runner's longest, lengths
 # rising until one does not fit. Loft must reach 1.25x Unsloth's longest (on an H200, 2026-11-30: 36,864 as it
-# is, 53,248 with its tiled MLP).
+# is, 53,248 with its tiled MLP). A 7-8B Unsloth run at these lengths needs more than 150 s (loading included):
+# keep RUN_TIMEOUT at its default.
 read -ra LADDER <<< "${LENGTHS:-49152 61440}"  # the tiled ladders' lengths (LENGTHS="53248 57344" for a second call)
 longest() {  # TAG names the runs when one runner is measured twice (Unsloth with its tiled MLP)
   local runner="$1" n name; shift

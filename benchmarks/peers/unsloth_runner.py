@@ -44,6 +44,9 @@ def settings(args) -> dict:
         out["padding_free"] = "Unsloth's default (auto)"
     if args.task == "sft":  # Unsloth's tiled MLP: its loader reads this (unsloth_tiled_mlp=True sets "arctic")
         out["tiled_mlp"] = os.environ.get("UNSLOTH_TILED_MLP", "0")
+    # Unsloth's input-embedding offload: "auto" (its default: to CPU RAM only when it judges the card tight) unless
+    # LOFT_UNSLOTH_OFFLOAD_EMBEDDING=1 asks for it always; where the table ended up is recorded after loading
+    out["offload_embedding"] = "always" if os.environ.get("LOFT_UNSLOTH_OFFLOAD_EMBEDDING") == "1" else "auto"
     if args.task == "dpo":
         out["fused_preference_loss"] = os.environ.get("UNSLOTH_FUSED_PREFERENCE_LOSS", "0") == "1"
     return out
@@ -69,14 +72,16 @@ def build_trainer(args, callback):
     from benchmarks import baseline_trl
     from benchmarks.peers.trl_tuned import render_text
 
+    offload = {"offload_embedding": True} if os.environ.get("LOFT_UNSLOTH_OFFLOAD_EMBEDDING") == "1" else {}
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=args.model, tokenizer_name=args.tokenizer or args.model, max_seq_length=args.seq_len,
         dtype=torch.bfloat16, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
         load_in_16bit=not (args.load_in_4bit or args.load_in_8bit), full_finetuning=False,
-        use_gradient_checkpointing=checkpointing(args))
+        use_gradient_checkpointing=checkpointing(args), **offload)
     model = FastLanguageModel.get_peft_model(
         model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=SEVEN,
         bias="none", use_gradient_checkpointing=checkpointing(args), use_rslora=args.rslora, random_state=3407)
+    callback.meta["settings"]["input_embedding_on"] = model.get_input_embeddings().weight.device.type
     common = {k: v for k, v in baseline_trl.trainer_args(args).items() if k != "gradient_checkpointing"}
     rows = baseline_trl.load_rows(args)
     if args.task == "sft":

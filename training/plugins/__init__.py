@@ -11,7 +11,7 @@ must not cost the run (the guard disables itself rather than raise), and nothing
 
   guard.py      HealthGuardPlugin: the health guard (every recipe lists it; `loft train` adds it)
   dpo.py        LoftDPOTrainer: Axolotl's DPO trainer without per-step cache flushing, LM head in chunks,
-                activation_offloading honoured
+                activation_offloading honoured, the reference pass switched on the layers' own flags
   dpo_kernels.py  Axolotl's fused LoRA kernels on LoftDPOTrainer's model, once TRL has wrapped it in PEFT
   cce.py        CutCrossEntropyPlugin: the loss through Apple's cut-cross-entropy kernel (a measured lever)
   padding.py    ContinuedPaddingPlugin: one-document packed rows on cuDNN's attention (in the full-row recipes)
@@ -19,6 +19,9 @@ must not cost the run (the guard disables itself rather than raise), and nothing
                 batch's documents read once (in the 12 GB, long, bf16 SFT and DPO recipes)
   rope.py       FusedRopePlugin: Liger's fused RoPE inside the attention Axolotl rewrites for its LoRA kernels
   tiled_mlp.py  TiledMLPPlugin: each MLP over a long row in 8,192-token pieces (in the long recipe)
+  long_attention.py  LongAttentionPlugin: rows over 49,152 tokens attend once per K/V head, half SDPA's backward
+                memory (in the long recipe)
+  embedding_offload.py  EmbeddingOffloadPlugin: the frozen input embedding in CPU RAM (in the long recipe)
   cpu_ranks.py  CPURanksPlugin: `loft train --gpus N` on a machine without GPUs (added by loft train)
   peak.py       the one peak-memory probe: what the guard and `loft bench speed` call the measured peak
 """

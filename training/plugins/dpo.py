@@ -1,5 +1,5 @@
 """Loft's DPO trainer, for `trainer_cls: training.plugins.dpo.LoftDPOTrainer` (Axolotl's own key, so it also works under
-plain `accelerate launch -m axolotl.cli.train`). Four changes to Axolotl 0.19's AxolotlDPOTrainer:
+plain `accelerate launch -m axolotl.cli.train`). Five changes to Axolotl 0.19's AxolotlDPOTrainer:
 
 1. No `gc.collect()` + `torch.cuda.empty_cache()` after every micro-batch (AxolotlDPOTrainer.training_step,
    axolotl/core/trainers/dpo/trainer.py). With the Axolotl stack imported a full collection takes ~1 s, and emptying
@@ -21,12 +21,18 @@ plain `accelerate launch -m axolotl.cli.train`). Four changes to Axolotl 0.19's 
    kernel, instead of a masked kernel on K/V copied out to every head (one H200, 2026-11-30: 0.94× Unsloth with it
    and the lean step, 0.78× before; benchmarks/RESULTS.md, fourth round).
 
+5. The reference pass switches the model to its base by the layers' own flags (_base_model_pass), not through
+   TRL's use_adapter + disable_gradient_checkpointing, which walk the model each micro-batch while the GPU waits; and
+   with `activation_offloading: hidden_states` only Axolotl's offloader runs, not TRL's offload-everything one
+   inside it (one H200, 2026-12-01: 0.99× Unsloth, from 0.94×; benchmarks/RESULTS.md, fifth round).
+
 Configurations the chunked log-probs do not cover (other loss types, ld_alpha, WPO weighting, MoE aux loss, an
 f-divergence other than reverse KL, a separate reference model, a LoRA on lm_head, vision models, a wrapped model
 under DDP/FSDP) go through TRL's code unchanged.
 """
 
-from contextlib import ExitStack, nullcontext
+import os
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import cached_property
 
 import torch
@@ -34,7 +40,9 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.core.trainers.mixins.activation_checkpointing import ActivationOffloadingMixin
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import use_adapter
@@ -45,6 +53,8 @@ from training.plugins import dpo_kernels
 from training.plugins.lean import sharded
 
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
+# 1: keep TRL's own offloader beside Axolotl's hidden_states one (the trainer as measured before they were untangled)
+TRL_OFFLOADER_ENV = "LOFT_DPO_TRL_OFFLOADER"
 
 
 def _chunk_logps(hidden, weight, bias, labels, with_stats=True):
@@ -90,6 +100,11 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # with precompute_ref_log_probs, TRL runs compute_ref_log_probs in here
         self._lora_kernels()
+        if self.args.activation_offloading == "hidden_states" and os.environ.get(TRL_OFFLOADER_ENV) != "1":
+            # Axolotl passes the mode on to TRL's arguments, and TRL's DPOTrainer then wraps every step in its own
+            # offloader as well, which moves every saved activation to CPU RAM (the mode that replaces
+            # recomputation), nested inside the mixin's: "hidden_states" means the checkpointed inputs only
+            self.maybe_activation_offload_context = nullcontext()
         if self.is_world_process_zero():
             how = (f"LM head in chunks of {self._chunk_tokens()} completion tokens" if self._chunked
                    else "TRL's log-probs (configuration not covered by the chunked path)")
@@ -121,6 +136,37 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
             causal = unwrapped.base_model.model if is_peft_model(unwrapped) else unwrapped
             self._parts_found = (unwrapped, causal.base_model, causal.get_output_embeddings())
         return self._parts_found
+
+    def _toggles(self):
+        """(every LoRA layer, every checkpointed decoder layer) of the unwrapped model, found once."""
+        if "_toggles_found" not in self.__dict__:
+            modules = list(self._parts()[0].modules())
+            self._toggles_found = ([m for m in modules if isinstance(m, BaseTunerLayer)],
+                                   [m for m in modules if isinstance(m, GradientCheckpointingLayer)])
+        return self._toggles_found
+
+    @contextmanager
+    def _base_model_pass(self):
+        """The reference pass's model: every LoRA layer off and no checkpointing (under no_grad it would only re-run
+        work), as TRL's use_adapter(None) and disable_gradient_checkpointing leave it, set on the layers directly.
+        Those two walk the model and back: PEFT asks every module for its adapter status, then toggles each adapter
+        parameter's requires_grad, and transformers re-enables checkpointing module by module. In a profiled Qwen2.5-7B
+        DPO step (one H200, 2026-12-01) that was ~38 ms of host time per micro-batch with the GPU idle, 7% of the
+        step; the flags themselves are all the forward reads."""
+        lora, checkpointed = self._toggles()
+        adapters_off = [m._disable_adapters for m in lora]
+        checkpointing = [m.gradient_checkpointing for m in checkpointed]
+        try:
+            for m in lora:
+                m._disable_adapters = True
+            for m in checkpointed:
+                m.gradient_checkpointing = False
+            yield
+        finally:
+            for m, off in zip(lora, adapters_off):
+                m._disable_adapters = off
+            for m, on in zip(checkpointed, checkpointing):
+                m.gradient_checkpointing = on
 
     @cached_property
     def _right_padded(self) -> bool:
@@ -161,9 +207,13 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
             if reference:  # no graph, and the adapter disabled (or the frozen "ref" adapter) for the whole pass
                 ref = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
                 stack.enter_context(torch.no_grad())
-                stack.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
-                if is_peft_model(unwrapped):
-                    stack.enter_context(use_adapter(unwrapped, adapter_name=ref))
+                if is_peft_model(unwrapped) and ref is None:
+                    stack.enter_context(self._base_model_pass())
+                else:
+                    stack.enter_context(disable_gradient_checkpointing(self.model,
+                                                                       self.args.gradient_checkpointing_kwargs))
+                    if is_peft_model(unwrapped):
+                        stack.enter_context(use_adapter(unwrapped, adapter_name=ref))
             hidden = decoder(**kwargs).last_hidden_state
             return completion_logps(hidden, lm_head, inputs["input_ids"], inputs["completion_mask"],
                                     self._chunk_tokens(), with_stats=not reference)
