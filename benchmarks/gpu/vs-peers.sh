@@ -55,6 +55,10 @@ fi
 # is, 53,248 with its tiled MLP). A 7-8B Unsloth run at these lengths needs more than 150 s (loading included):
 # keep RUN_TIMEOUT at its default.
 read -ra LADDER <<< "${LENGTHS:-49152 61440}"  # the tiled ladders' lengths (LENGTHS="53248 57344" for a second call)
+# each tool's own rungs in one call, where their longest lie far apart (2026-12-01: Loft 73,728, Unsloth 53,248):
+#   UNSLOTH_LENGTHS="53248 57344" LOFT_LENGTHS="73728 77824" CASES="long-unsloth-tiled long-loft"
+read -ra UNSLOTH_LADDER <<< "${UNSLOTH_LENGTHS:-${LADDER[*]}}"
+read -ra LOFT_LADDER <<< "${LOFT_LENGTHS:-${LADDER[*]}}"
 longest() {  # TAG names the runs when one runner is measured twice (Unsloth with its tiled MLP)
   local runner="$1" n name; shift
   for n in "$@"; do
@@ -69,11 +73,11 @@ want long-unsloth && longest unsloth 28672 32768 36864 40960
 # its settings), beside Loft's tiled MLP plugin in the recipe: each tool's longest with that lever
 if want long-unsloth-tiled; then
   export UNSLOTH_TILED_MLP=arctic
-  TAG=unsloth-tiled longest unsloth "${LADDER[@]}"
+  TAG=unsloth-tiled longest unsloth "${UNSLOTH_LADDER[@]}"
   unset UNSLOTH_TILED_MLP
 fi
 want long-trl && longest trl 12288 16384 20480
-want long-loft && longest loft "${LADDER[@]}"
+want long-loft && longest loft "${LOFT_LADDER[@]}"
 
 # Loft's levers where it lost (full-length rows), Loft alone, 20 steps, against the unchanged recipe on the same
 # rows. Cut cross-entropy through Loft's plugin (training/plugins/cce.py): Axolotl's own needs its git fork of the
