@@ -17,8 +17,12 @@ ENV = "LOFT_SPEED_MEMORY_TRACE"
 OWN = ("torch/", "/contextlib.py", "benchmarks/memory_trace.py")  # frames that say nothing about who asked
 
 
+def wanted() -> bool:
+    return os.environ.get(ENV) == "1" and torch.cuda.is_available()
+
+
 def start() -> bool:
-    if os.environ.get(ENV) != "1" or not torch.cuda.is_available():
+    if not wanted():
         return False
     torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     return True
@@ -73,7 +77,7 @@ def summary(snapshot: dict, top: int = 25) -> str:
 
 def write_if_recording(record_path: str | Path) -> Path | None:
     """After an out-of-memory error: NAME.memory.txt beside the record, when recording was asked for."""
-    if os.environ.get(ENV) != "1" or not torch.cuda.is_available():
+    if not wanted():
         return None
     path = Path(record_path).with_suffix(".memory.txt")
     try:

@@ -44,12 +44,16 @@ def settings(args) -> dict:
         out["padding_free"] = "Unsloth's default (auto)"
     if args.task == "sft":  # Unsloth's tiled MLP: its loader reads this (unsloth_tiled_mlp=True sets "arctic")
         out["tiled_mlp"] = os.environ.get("UNSLOTH_TILED_MLP", "0")
-    # Unsloth's input-embedding offload: "auto" (its default: to CPU RAM only when it judges the card tight) unless
-    # LOFT_UNSLOTH_OFFLOAD_EMBEDDING=1 asks for it always; where the table ended up is recorded after loading
-    out["offload_embedding"] = "always" if os.environ.get("LOFT_UNSLOTH_OFFLOAD_EMBEDDING") == "1" else "auto"
+    out["offload_embedding"] = "always" if offload_embedding_forced() else "auto"
     if args.task == "dpo":
         out["fused_preference_loss"] = os.environ.get("UNSLOTH_FUSED_PREFERENCE_LOSS", "0") == "1"
     return out
+
+
+def offload_embedding_forced() -> bool:
+    """Unsloth's input-embedding offload is "auto" (its default: to CPU RAM only when it judges the card tight)
+    unless LOFT_UNSLOTH_OFFLOAD_EMBEDDING=1 asks for it always; where the table ended up is recorded after loading."""
+    return os.environ.get("LOFT_UNSLOTH_OFFLOAD_EMBEDDING") == "1"
 
 
 def why_not() -> str | None:
@@ -72,7 +76,7 @@ def build_trainer(args, callback):
     from benchmarks import baseline_trl
     from benchmarks.peers.trl_tuned import render_text
 
-    offload = {"offload_embedding": True} if os.environ.get("LOFT_UNSLOTH_OFFLOAD_EMBEDDING") == "1" else {}
+    offload = {"offload_embedding": True} if offload_embedding_forced() else {}
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=args.model, tokenizer_name=args.tokenizer or args.model, max_seq_length=args.seq_len,
         dtype=torch.bfloat16, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,

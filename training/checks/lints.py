@@ -151,7 +151,7 @@ def check(cfg: dict, report, arch, est):
                    "rows on its fast path)", key="plugins")
     # L212 Axolotl rewrites the attention for its LoRA kernels before LigerPlugin swaps in its RoPE: without the
     # plugin that points the rewrite at Liger's function, liger_rope does nothing (training/plugins/rope.py)
-    if cfg.get("liger_rope") and RecipeFacts.of(cfg).lora_qkv_kernel and ROPE_PLUGIN not in plugins:
+    if cfg.get("liger_rope") and facts.lora_qkv_kernel and ROPE_PLUGIN not in plugins:
         report.add("LOFT-L212", "warning", "liger_rope: true, but Axolotl's fused LoRA Q/K/V kernel rewrites the "
                    "attention before Liger's RoPE is swapped in: transformers' RoPE runs instead (~6% of the GPU "
                    "time of a profiled Llama-3.1-8B step)", f"add {ROPE_PLUGIN} to plugins", key="plugins")
