@@ -174,6 +174,63 @@ def test_only_completion_tokens_reach_the_lm_head():
     assert seen == [int(inputs["completion_mask"][:, 1:].sum())]
 
 
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_frozen_head_gradient_from_the_forward_matches_checkpointed_chunks(with_stats):
+    """With the LM head frozen the gradient is worked out in the forward (dpo_logps.FrozenHeadLogps) and the backward
+    never runs the head; with the head trained, chunks under checkpointing. Same log-probs, stats and state
+    gradients either way, and only the trained head gets a weight gradient."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB, bias=False)
+    ids = torch.randint(0, VOCAB, (4, 23))
+    completion = (torch.rand(4, 23) > 0.3).long()
+    upstream = torch.randn(4)
+    calls = dpo.F.linear
+    results = []
+    for trained in (False, True):
+        head.weight.requires_grad_(trained)
+        hidden = torch.randn(4, 23, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        seen = []
+
+        def count(x, w, b=None):
+            seen.append(x.shape[0])
+            return calls(x, w, b)
+
+        dpo.F.linear = count
+        try:
+            seq, stats, rows = dpo.completion_logps(hidden, head, ids, completion, 7, with_stats=with_stats)
+            (seq * upstream).sum().backward()
+        finally:
+            dpo.F.linear = calls
+        tokens = int(completion[:, 1:].sum())
+        assert sum(seen) == tokens * (2 if trained else 1)  # the checkpointed chunks run the head again
+        assert (head.weight.grad is not None) == trained
+        results.append((seq.detach(), stats, rows, hidden.grad))
+        head.weight.grad = None
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert results[0][3].abs().sum() > 0  # a gradient reached the states
+    assert bool(results[0][1].abs().sum() > 0) == with_stats
+
+
+def test_frozen_4bit_biases_cast_to_the_compute_dtype():
+    """What bitsandbytes' Linear4bit.forward does on its first call, done up front for the fused kernels that bypass
+    it: only frozen biases of quantised layers, nothing trained, nothing of a plain layer."""
+    quantised = torch.nn.Linear(4, 4)
+    quantised.weight.quant_state = object()  # how Params4bit marks a 4-bit weight
+    quantised.compute_dtype = torch.bfloat16
+    quantised.bias.requires_grad_(False)
+    trained = torch.nn.Linear(4, 4)
+    trained.weight.quant_state, trained.compute_dtype = object(), torch.bfloat16
+    plain = torch.nn.Linear(4, 4)
+    plain.compute_dtype = torch.bfloat16
+    plain.bias.requires_grad_(False)
+    model = torch.nn.Sequential(quantised, trained, plain)
+    before = quantised.bias.detach().clone()
+    assert dpo_kernels.compute_dtype_biases(model) == 1
+    assert quantised.bias.dtype == torch.bfloat16 and torch.equal(quantised.bias.float(), before.bfloat16().float())
+    assert trained.bias.dtype == plain.bias.dtype == torch.float32
+
+
 # ---------------------------------------------------------------- Axolotl's fused LoRA kernels (dpo_kernels.py)
 def qwen2(**lora):
     """A tiny Qwen2 (the DPO recipes' family: q/k/v carry a bias) with LoRA on all seven projections, wrapped as

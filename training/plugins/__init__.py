@@ -13,6 +13,8 @@ must not cost the run (the guard disables itself rather than raise), and nothing
   dpo.py        LoftDPOTrainer: Axolotl's DPO trainer without per-step cache flushing, LM head in chunks,
                 activation_offloading honoured, the reference pass switched on the layers' own flags
   dpo_kernels.py  Axolotl's fused LoRA kernels on LoftDPOTrainer's model, once TRL has wrapped it in PEFT
+  dpo_logps.py  LoftDPOTrainer's sequence log-probs: completion tokens only, in chunks, the frozen head's gradient
+                taken in the forward
   cce.py        CutCrossEntropyPlugin: the loss through Apple's cut-cross-entropy kernel (a measured lever)
   padding.py    ContinuedPaddingPlugin: one-document packed rows on cuDNN's attention (in the full-row recipes)
   lean.py       LeanStepPlugin: fewer host stalls a step: the Trainer's bookkeeping without model walks, a packed

@@ -10,12 +10,14 @@ plain `accelerate launch -m axolotl.cli.train`). Five changes to Axolotl 0.19's 
    on every position of chosen and rejected (2 x 2,048 x 152,064 logits for Qwen at 2,048 tokens: 1.16 GiB in bf16,
    plus the log-softmax and its gradient), and Liger's fused DPO loss still takes one whole pair per chunk. Here the
    decoder's hidden states are gathered at the completion tokens only (the prompt's logits are never used), and the
-   LM head + log-softmax run in chunks of a few hundred tokens under activation checkpointing: one chunk's logits are
-   alive at a time, in training and in the reference pass. The loss and the logged metrics are TRL's (same names);
-   tests/test_dpo.py checks loss and gradients against TRL's own path.
+   LM head + log-softmax run in chunks of a few hundred tokens: one chunk's logits are alive at a time, in training
+   and in the reference pass; with the LM head frozen, each chunk's gradient is worked out in the forward, so the
+   backward does not run the LM head again (training/plugins/dpo_logps.py). The loss and the logged metrics are
+   TRL's (same names); tests/test_dpo.py checks loss and gradients against TRL's own path.
 
 3. Axolotl's fused LoRA kernels (MLP, QKV, O), applied once TRL has wrapped the model in PEFT, before its
-   precomputed reference pass: training/plugins/dpo_kernels.py says why Axolotl's loader cannot, and when they apply.
+   precomputed reference pass: training/plugins/dpo_kernels.py says why Axolotl's loader cannot, and when they apply
+   (and why it casts the frozen 4-bit biases to bf16 for them).
 
 4. No padding mask on TRL's right-padded pairs (see _logps): SDPA runs causal, which on Hopper is cuDNN's fused
    kernel, instead of a masked kernel on K/V copied out to every head (one H200, 2026-11-30: 0.94× Unsloth with it
@@ -24,7 +26,8 @@ plain `accelerate launch -m axolotl.cli.train`). Five changes to Axolotl 0.19's 
 5. The reference pass switches the model to its base by the layers' own flags (_base_model_pass), not through
    TRL's use_adapter + disable_gradient_checkpointing, which walk the model each micro-batch while the GPU waits; and
    with `activation_offloading: hidden_states` only Axolotl's offloader runs, not TRL's offload-everything one
-   inside it (one H200, 2026-12-01: 0.99× Unsloth, from 0.94×; benchmarks/RESULTS.md, fifth round).
+   inside it (one H200, 2026-12-01: 0.99× Unsloth, from 0.94×; benchmarks/RESULTS.md, fifth round). With the LM
+   head's gradient taken in the forward (2.) and Qwen's q/k/v biases in bf16 for the kernels (3.): 1.04× (sixth round).
 
 Configurations the chunked log-probs do not cover (other loss types, ld_alpha, WPO weighting, MoE aux loss, an
 f-divergence other than reverse KL, a separate reference model, a LoRA on lm_head, vision models, a wrapped model
@@ -41,7 +44,6 @@ from accelerate.utils import is_peft_model
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.core.trainers.mixins.activation_checkpointing import ActivationOffloadingMixin
 from peft.tuners.tuners_utils import BaseTunerLayer
-from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -50,46 +52,12 @@ from trl.trainer.utils import use_adapter
 # fp32 logits of one chunk: the memory estimator counts the same size
 from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES
 from training.plugins import dpo_kernels
+from training.plugins.dpo_logps import completion_logps
 from training.plugins.lean import sharded
 
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
 # 1: keep TRL's own offloader beside Axolotl's hidden_states one (the trainer as measured before they were untangled)
 TRL_OFFLOADER_ENV = "LOFT_DPO_TRL_OFFLOADER"
-
-
-def _chunk_logps(hidden, weight, bias, labels, with_stats=True):
-    """log p(label) for each row of hidden [c, h], with detached per-token stats for TRL's metrics (the reference
-    pass logs none: with_stats=False skips them)."""
-    logits = F.linear(hidden, weight, bias).float()
-    logz = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
-    if not with_stats:
-        return logps, logps.new_zeros(3, len(labels))
-    with torch.no_grad():
-        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-        stats = torch.stack([logits.mean(-1), entropy, (logits.argmax(-1) == labels).float()])
-    return logps, stats
-
-
-def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: int, with_stats: bool = True):
-    """Per-sequence sum of completion-token log-probs, and per-token stats [3, M] (logit mean, entropy, argmax hit)
-    with the row of each of the M completion tokens. hidden: the decoder's last hidden state [R, T, h]."""
-    mask = completion_mask[:, 1:].bool()  # position t predicts token t + 1
-    rows = mask.nonzero(as_tuple=True)[0]
-    states, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]
-    pieces, stats = [], []
-    for start in range(0, len(labels), chunk_tokens):
-        args = (states[start:start + chunk_tokens], lm_head.weight, lm_head.bias, labels[start:start + chunk_tokens],
-                with_stats)
-        if torch.is_grad_enabled():
-            logps, stat = checkpoint(_chunk_logps, *args, use_reentrant=False)
-        else:
-            logps, stat = _chunk_logps(*args)
-        pieces.append(logps)
-        stats.append(stat)
-    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-    seq = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
-    return seq, (torch.cat(stats, dim=1) if stats else token_logps.new_zeros(3, 0)), rows
 
 
 class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
@@ -106,7 +74,8 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
             # recomputation), nested inside the mixin's: "hidden_states" means the checkpointed inputs only
             self.maybe_activation_offload_context = nullcontext()
         if self.is_world_process_zero():
-            how = (f"LM head in chunks of {self._chunk_tokens()} completion tokens" if self._chunked
+            how = (f"LM head in chunks of {self._chunk_tokens()} completion tokens"
+                   f"{', its gradient taken in the forward' if self._head_frozen() else ''}" if self._chunked
                    else "TRL's log-probs (configuration not covered by the chunked path)")
             print(f"loft: LoftDPOTrainer, no gc.collect()/empty_cache() per micro-batch; {how}", flush=True)
 
@@ -188,6 +157,9 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
         if not isinstance(lm_head, torch.nn.Linear) or hasattr(lm_head, "lora_A"):
             return False
         return is_peft_model(unwrapped) or self.precompute_ref_logps
+
+    def _head_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self._parts()[2].parameters())
 
     def _chunk_tokens(self) -> int:
         vocab = self._parts()[2].weight.shape[0]
