@@ -39,7 +39,7 @@ CALIBRATION = [
 
 RESULTS = REPO / "benchmarks" / "results"
 # `loft bench speed` runs besides the recipe-* ones whose config the current recipes + their overrides still
-# reproduce (runs of a recipe that changed since, and tiled_mlp runs, which the estimator does not model, are left out)
+# reproduce (runs of a recipe that changed since are left out)
 SPEED_RUNS = {"t1-qwen7b-qlora-cap12-peak", "t2-llama8b-lora-bf16-nogc", "t4-llama8b-qlora-16k-plain",
               "t4-llama8b-qlora-16k-offload", "t4-llama8b-qlora-16k-offload-cap12", "t4-llama8b-qlora-18k-offload-cap12",
               "t4-llama8b-qlora-20k-hidden-cap12", "t4-llama8b-qlora-24k-hidden-cap12",
@@ -50,7 +50,16 @@ SPEED_RUNS = {"t1-qwen7b-qlora-cap12-peak", "t2-llama8b-lora-bf16-nogc", "t4-lla
               "t4-llama8b-long-vs-baseline-10240", "t1-qwen7b-qlora-12gb-vs-baseline"}
 
 # Recipe lines that changed after a results file's runs: the overrides that give back the recipe as it ran then.
-AS_RUN = {("speed-2026-11-22.json", "recipes/qwen2.5-7b/qlora-sft-12gb.yaml"): ["activation_offloading=null"]}
+# The long recipe of 2026-11-22 had neither the tiled MLP nor the embedding offload (the other plugins added since
+# change no memory the estimator counts).
+AS_RUN = {("speed-2026-11-22.json", "recipes/qwen2.5-7b/qlora-sft-12gb.yaml"): ["activation_offloading=null"],
+          ("speed-2026-11-22.json", "recipes/llama-3.1-8b/qlora-long-12gb.yaml"):
+              ["plugins=[axolotl.integrations.liger.LigerPlugin]"]}
+# `loft bench speed --vs` runs of the recipes as they ship now (Loft's runner): the long recipe with all its plugins
+# at its longest rows, and the DPO recipe with the trainer's chunked log-probs
+PEER_RUNS = {("vs-peers-2026-12-01.json", "vs-llama8b-long-loft-69632"),
+             ("vs-peers-2026-12-01-round6.json", "vs-llama8b-long-loft-73728"),
+             ("vs-peers-2026-12-01-round6.json", "vs-qwen7b-dpo-2048-cap11")}
 
 
 def process_peak(memory: dict) -> float:
@@ -70,10 +79,12 @@ def calibration_points() -> list[tuple[str, str, dict, float, bool, str]]:
         for run in json.loads(path.read_text())["runs"]:
             points.append((run["name"], f"--measure, {path.name}", run["config"],
                            round(process_peak(run["measured"]), 2), True, ""))
-    for path in sorted(RESULTS.glob("speed-*.json")):
+    for path in sorted([*RESULTS.glob("speed-*.json"), *RESULTS.glob("vs-peers-*.json")]):
         for name, run in json.loads(path.read_text())["runs"].items():
             loft = run["runners"].get("loft") or {}
-            if (name.startswith("recipe-") or name in SPEED_RUNS) and loft.get("status") == "ok":
+            wanted = (path.name, name) in PEER_RUNS if path.name.startswith("vs-peers") else (
+                name.startswith("recipe-") or name in SPEED_RUNS)
+            if wanted and loft.get("status") == "ok":
                 then = AS_RUN.get((path.name, run["recipe"]), [])
                 cfg = recipes.apply_overrides(recipes.load(REPO / run["recipe"]), then + run["overrides"])
                 points.append((name, f"bench speed, {path.name}", cfg, process_peak(loft), True, ""))

@@ -367,6 +367,34 @@ def test_estimator_matches_measured_peaks():
     assert sum(row["source"].startswith("--measure") for row in rows) >= 8
 
 
+def test_long_row_plugins_change_the_estimate_where_they_act():
+    """The embedding offload takes the input embedding out of training's peak (not loading's); the tiled MLP counts
+    one piece's MLP tensors, only on rows longer than it leaves untiled; DeepSpeed/FSDP switch both off."""
+    llama = arch.find_arch("meta-llama/Llama-3.1-8B-Instruct")
+    base = {"base_model": "meta-llama/Llama-3.1-8B-Instruct", "adapter": "qlora", "load_in_4bit": True, "bf16": True,
+            "lora_r": 16, "lora_target_linear": True, "gradient_checkpointing": True,
+            "activation_offloading": "hidden_states", "micro_batch_size": 1, "embeddings_skip_upcast": True}
+
+    def parts(seq, *plugins, **extra):
+        est = memory.estimate(llama, memory.Setup.from_recipe({**base, "sequence_len": seq, "plugins": list(plugins),
+                                                               **extra}))
+        return est.parts, est.loading
+
+    table = llama.vocab * llama.hidden * 2 / 2**30
+    plain, loading = parts(8192)
+    offloaded, offloaded_loading = parts(8192, memory.EMBEDDING_OFFLOAD)
+    assert offloaded["weights"] == pytest.approx(plain["weights"] - table)
+    assert offloaded_loading == pytest.approx(plain["weights"] + plain["workspace"]) and loading == 0
+    sharded = {**base, "fsdp_version": 2, "fsdp_config": {"offload_params": False}, "plugins": [memory.EMBEDDING_OFFLOAD,
+                                                                                                memory.TILED_MLP]}
+    assert not memory.Setup.from_recipe(sharded, world=2).embedding_offload
+    assert not memory.Setup.from_recipe(sharded, world=2).mlp_tile
+    assert memory.Setup.from_recipe({**sharded, "fsdp_version": None, "fsdp_config": None}).mlp_tile
+    for seq, tiled in ((memory.MLP_UNTILED_UP_TO, False), (65536, True)):
+        untiled_act, tiled_act = parts(seq)[0]["activations"], parts(seq, memory.TILED_MLP)[0]["activations"]
+        assert (tiled_act < untiled_act) == tiled, seq
+
+
 def test_memory_md_holds_the_current_calibration():
     text = (REPO / "benchmarks" / "MEMORY.md").read_text()
     for row in calibration.calibration_table():

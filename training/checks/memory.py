@@ -14,6 +14,7 @@ benchmarks/results/), and `python -m benchmarks.calibration` prints estimate vs 
 Architectures come from training/arch.py (training/archs/*.json or the base model's local config.json).
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -50,6 +51,13 @@ OFFLOADED = {True: 0.35, "disk": 0.35, "hidden_states": 1.0, "legacy": 1.0}
 DPO_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk in training.plugins.dpo (which imports it from here)
 CHUNK_BUFFERS = 3  # fitted (2 DPO runs): fp32 logits, the entropy metric's softmax or the gradient, a temporary
 WORKSPACE_GIB = 0.05  # fitted: cuBLAS workspace, RoPE caches, masks (QLoRA dequant tiles fit in the gaps)
+# training.plugins.tiled_mlp (which imports them from here): rows longer than this run the MLP in pieces of at most
+# MLP_TILE_TOKENS. Untiled up to the long recipe's own 24,576 tokens: they fit a 12 GB card without tiling (10.91 GiB
+# reserved, H100 capped at 12 GiB, 2026-11-22), and tiling costs one more MLP forward per layer.
+MLP_TILE_TOKENS = 8192
+MLP_UNTILED_UP_TO = 24576
+EMBEDDING_OFFLOAD = "training.plugins.embedding_offload.EmbeddingOffloadPlugin"
+TILED_MLP = "training.plugins.tiled_mlp.TiledMLPPlugin"
 
 
 # ---------------------------------------------------------------- what the recipe asks for
@@ -83,6 +91,8 @@ class Setup:
     precompute_ref: bool = False  # reference log-probs computed once before training
     chunked_logps: bool = False  # training.plugins.dpo.LoftDPOTrainer: LM head in chunks over completion tokens
     upcast_embeddings: bool = False  # k-bit loading casts embeddings/lm_head to fp32 (then back): a loading peak
+    embedding_offload: bool = False  # training.plugins.embedding_offload: the frozen input embedding in CPU RAM
+    mlp_tile: int = 0  # training.plugins.tiled_mlp: rows longer than its threshold run the MLP in pieces of this many
     plugins: list[str] = field(default_factory=list)
     parallel: str = "none"  # "ddp" | "zero1" | "zero2" | "zero3" | "fsdp1" | "fsdp2" (training/parallel.py reads it)
     world: int = 1  # processes (GPUs) in the run, all hosts together
@@ -137,6 +147,10 @@ class Setup:
             upcast_embeddings=quant != "none" and facts.adapter is not None
             and not (quant == "4bit" and _on(cfg.get("embeddings_skip_upcast")))
             and parallel not in ("zero3", "fsdp1", "fsdp2"),  # Axolotl skips that preparation when sharding
+            # the plugins' own conditions (they step aside under DeepSpeed/FSDP; the embedding must be frozen, untied)
+            embedding_offload=EMBEDDING_OFFLOAD in plugins and facts.adapter is not None and parallel == "none"
+            and not [m for m in cfg.get("lora_modules_to_save") or [] if m == "embed_tokens"],
+            mlp_tile=MLP_TILE_TOKENS if TILED_MLP in plugins and parallel == "none" else 0,
             plugins=plugins,
             parallel=parallel,
             world=max(1, int(world)),
@@ -241,16 +255,21 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     # activations, per token of one micro-batch (DPO runs chosen and rejected: twice the tokens)
     tokens = s.seq * s.micro_batch * (2 if s.paired else 1)
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    layer = 4 * h + (q + 2 * kv) + (q + kv) + q + 4 * i  # norms, qkv, rope, attention out, SwiGLU
+    mlp = 4 * i  # SwiGLU: gate, up, their product and its input gradient
+    layer = 4 * h + (q + 2 * kv) + (q + kv) + q + mlp  # norms, qkv, rope, attention out, SwiGLU
     # LoRA dropout copies of the projections' inputs did not show in the host's peaks (with and without
     # checkpointing), so they are not counted
     if s.liger_layers:
         layer -= 3 * h + i  # fused SwiGLU keeps no silu(gate); fused RMSNorm no fp32 copies (fitted on the host)
+        mlp -= i
+    # the tiled MLP plugin: one row longer than its threshold has its MLP tensors one piece at a time
+    tiled = s.mlp_tile and s.micro_batch == 1 and tokens > MLP_UNTILED_UP_TO
+    piece = math.ceil(tokens / math.ceil(tokens / s.mlp_tile)) if tiled else tokens
     if s.checkpointing:
         stored = L * h * 2 * (1 - s.offload)
-        act = tokens * (stored + LAYER_FACTOR * layer * 2)
+        act = tokens * (stored + LAYER_FACTOR * (layer - mlp) * 2) + piece * LAYER_FACTOR * mlp * 2
     else:
-        act = tokens * L * layer * 2
+        act = tokens * L * (layer - mlp) * 2 + piece * L * mlp * 2
     if s.chunked_logps:  # hidden states gathered at completion tokens + one chunk's fp32 logits, log-softmax, grads
         logits = tokens * h * FUSED_CE_BYTES + CHUNK_BUFFERS * DPO_CHUNK_BYTES
     else:
@@ -259,6 +278,10 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         logits += tokens * V * REF_LOGIT_BYTES
     workspace = WORKSPACE_GIB * GIB
 
+    loaded = weights
+    if s.embedding_offload and not arch.tied:  # moved when training begins: loading still holds it
+        weights -= V * h * s.dtype_bytes
+        notes.append(f"input embedding in CPU RAM during training ({V * h * s.dtype_bytes / GIB:.2f} GiB off the GPU)")
     parts = {"weights": weights, "trainable (params+grads+optimizer)": trainable, "activations": act,
              "logits / loss": logits, "workspace": workspace}
     if s.parallel != "none":
@@ -271,7 +294,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         parts["reference model"] = weights
         notes.append("DPO without an adapter loads a second (reference) model: with `adapter: qlora` the policy "
                      "with its adapter disabled is the reference, and this line disappears")
-    loading = 0.0
+    loading = (loaded + workspace) / GIB if loaded > weights else 0.0
     if s.parallel != "none" and loading_weights > parts["weights"]:  # a rank holds more while loading
         loading = (loading_weights + parts["workspace"]) / GIB
     if s.upcast_embeddings:  # every embedding matrix in fp32 (2 B more each), the last one cast still in bf16 too

@@ -21,15 +21,15 @@ DeepSpeed or FSDP (sharded weights need their engines' gathering; Axolotl's own 
 
 import math
 
+# the longest piece (short enough that a piece's MLP tensors are small next to the model), and the longest row that
+# runs untiled, at full speed: decided beside the memory estimator, which counts them
+from training.checks.memory import MLP_TILE_TOKENS as TILE_TOKENS
+from training.checks.memory import MLP_UNTILED_UP_TO as UNTILED_UP_TO
+
 try:  # Axolotl is only needed in Axolotl's own process
     from axolotl.integrations.base import BasePlugin
 except ImportError:  # pragma: no cover - every Loft environment has Axolotl
     BasePlugin = object
-
-TILE_TOKENS = 8192  # the longest piece: short enough that a piece's MLP tensors are small next to the model
-# Rows up to this length run untiled, at full speed: the long recipe's own 24,576 tokens fit a 12 GB card without
-# tiling (10.91 GiB reserved, H100 capped at 12 GiB, 2026-11-22), and tiling costs one more MLP forward per layer.
-UNTILED_UP_TO = 24576
 
 
 def mlps(model):
