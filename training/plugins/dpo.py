@@ -52,7 +52,7 @@ from trl.trainer.utils import use_adapter
 # fp32 logits of one chunk: the memory estimator counts the same size
 from training.checks.memory import DPO_CHUNK_BYTES as CHUNK_LOGIT_BYTES
 from training.plugins import dpo_kernels
-from training.plugins.dpo_logps import completion_logps
+from training.plugins.dpo_logps import completion_logps, head_frozen
 from training.plugins.lean import sharded
 
 CHUNKED_LOSSES = {"sigmoid", "hinge", "ipo", "robust"}
@@ -75,7 +75,7 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
             self.maybe_activation_offload_context = nullcontext()
         if self.is_world_process_zero():
             how = (f"LM head in chunks of {self._chunk_tokens()} completion tokens"
-                   f"{', its gradient taken in the forward' if self._head_frozen() else ''}" if self._chunked
+                   f"{', its gradient taken in the forward' if head_frozen(self._parts()[2]) else ''}" if self._chunked
                    else "TRL's log-probs (configuration not covered by the chunked path)")
             print(f"loft: LoftDPOTrainer, no gc.collect()/empty_cache() per micro-batch; {how}", flush=True)
 
@@ -157,9 +157,6 @@ class LoftDPOTrainer(ActivationOffloadingMixin, AxolotlDPOTrainer):
         if not isinstance(lm_head, torch.nn.Linear) or hasattr(lm_head, "lora_A"):
             return False
         return is_peft_model(unwrapped) or self.precompute_ref_logps
-
-    def _head_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self._parts()[2].parameters())
 
     def _chunk_tokens(self) -> int:
         vocab = self._parts()[2].weight.shape[0]

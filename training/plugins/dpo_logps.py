@@ -17,12 +17,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def _head(hidden, weight, bias, labels):
+    """One chunk through the LM head: its fp32 logits [c, V], their log-sum-exp and log p(label)."""
+    logits = F.linear(hidden, weight, bias).float()
+    logz = torch.logsumexp(logits, dim=-1)
+    return logits, logz, logits.gather(-1, labels[:, None]).squeeze(-1) - logz
+
+
 def chunk_logps(hidden, weight, bias, labels, with_stats=True):
     """log p(label) for each row of hidden [c, h], with detached per-token stats for TRL's metrics (the reference
     pass logs none: with_stats=False skips them)."""
-    logits = F.linear(hidden, weight, bias).float()
-    logz = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
+    logits, logz, logps = _head(hidden, weight, bias, labels)
     return logps, _stats(logits, logz, labels) if with_stats else logps.new_zeros(3, len(labels))
 
 
@@ -44,9 +49,7 @@ class FrozenHeadLogps(torch.autograd.Function):
         for start in range(0, len(labels), chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h, y = states[rows], labels[rows]
-            logits = F.linear(h, weight, bias).float()
-            logz = torch.logsumexp(logits, dim=-1)
-            logps[rows] = logits.gather(-1, y[:, None]).squeeze(-1) - logz
+            logits, logz, logps[rows] = _head(h, weight, bias, y)  # log p(label) stored into its rows
             if with_stats:
                 stats[:, rows] = _stats(logits, logz, y)
             # in place, to hold no second chunk of logits: softmax, then one-hot minus softmax
@@ -63,10 +66,9 @@ class FrozenHeadLogps(torch.autograd.Function):
         return (grad.float() * grad_logps[:, None]).to(grad.dtype), None, None, None, None, None
 
 
-def _frozen_head(states, lm_head) -> bool:
-    """The forward-computed gradient applies: the states need one and the head's parameters need none."""
-    return (torch.is_grad_enabled() and states.requires_grad
-            and not any(p.requires_grad for p in lm_head.parameters()))
+def head_frozen(lm_head) -> bool:
+    """No parameter of the LM head trains: its gradient with respect to the states can be taken in the forward."""
+    return not any(p.requires_grad for p in lm_head.parameters())
 
 
 def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: int, with_stats: bool = True):
@@ -75,7 +77,7 @@ def completion_logps(hidden, lm_head, input_ids, completion_mask, chunk_tokens: 
     mask = completion_mask[:, 1:].bool()  # position t predicts token t + 1
     rows = mask.nonzero(as_tuple=True)[0]
     states, labels = hidden[:, :-1][mask], input_ids[:, 1:][mask]
-    if _frozen_head(states, lm_head):
+    if torch.is_grad_enabled() and states.requires_grad and head_frozen(lm_head):
         token_logps, stats = FrozenHeadLogps.apply(states, lm_head.weight, lm_head.bias, labels, chunk_tokens,
                                                    with_stats)
     else:
