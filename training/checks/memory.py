@@ -119,6 +119,7 @@ class Setup:
         if option(facts.fsdp_options, "activation_checkpointing"):
             gc = True  # FSDP's own per-layer checkpointing
         parallel, offload_params, offload_optimizer = strategy(cfg, world)
+        saved = [m for m in cfg.get("lora_modules_to_save") or [] if isinstance(m, str)]
         return cls(
             quant=quant,
             double_quant=bnb.get("bnb_4bit_use_double_quant", True) is not False,
@@ -127,7 +128,7 @@ class Setup:
             lora_r=int(num("lora_r", 8)),
             lora_targets=targets,
             lora_dropout=float(num("lora_dropout", 0.0)),
-            modules_to_save=[m for m in cfg.get("lora_modules_to_save") or [] if isinstance(m, str)],
+            modules_to_save=saved,
             optimizer=str(cfg.get("optimizer") or "adamw_torch_fused"),
             seq=facts.sequence_len,
             micro_batch=int(num("micro_batch_size", 1)),
@@ -149,7 +150,7 @@ class Setup:
             and parallel not in ("zero3", "fsdp1", "fsdp2"),  # Axolotl skips that preparation when sharding
             # the plugins' own conditions (they step aside under DeepSpeed/FSDP; the embedding must be frozen, untied)
             embedding_offload=EMBEDDING_OFFLOAD in plugins and facts.adapter is not None and parallel == "none"
-            and not [m for m in cfg.get("lora_modules_to_save") or [] if m == "embed_tokens"],
+            and "embed_tokens" not in saved,
             mlp_tile=MLP_TILE_TOKENS if TILED_MLP in plugins and parallel == "none" else 0,
             plugins=plugins,
             parallel=parallel,
@@ -278,10 +279,10 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         logits += tokens * V * REF_LOGIT_BYTES
     workspace = WORKSPACE_GIB * GIB
 
-    loaded = weights
-    if s.embedding_offload and not arch.tied:  # moved when training begins: loading still holds it
-        weights -= V * h * s.dtype_bytes
-        notes.append(f"input embedding in CPU RAM during training ({V * h * s.dtype_bytes / GIB:.2f} GiB off the GPU)")
+    offloaded = V * h * s.dtype_bytes if s.embedding_offload and not arch.tied else 0
+    if offloaded:  # moved when training begins: loading still holds it
+        weights -= offloaded
+        notes.append(f"input embedding in CPU RAM during training ({offloaded / GIB:.2f} GiB off the GPU)")
     parts = {"weights": weights, "trainable (params+grads+optimizer)": trainable, "activations": act,
              "logits / loss": logits, "workspace": workspace}
     if s.parallel != "none":
@@ -294,7 +295,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         parts["reference model"] = weights
         notes.append("DPO without an adapter loads a second (reference) model: with `adapter: qlora` the policy "
                      "with its adapter disabled is the reference, and this line disappears")
-    loading = (loaded + workspace) / GIB if loaded > weights else 0.0
+    loading = (weights + offloaded + workspace) / GIB if offloaded else 0.0
     if s.parallel != "none" and loading_weights > parts["weights"]:  # a rank holds more while loading
         loading = (loading_weights + parts["workspace"]) / GIB
     if s.upcast_embeddings:  # every embedding matrix in fp32 (2 B more each), the last one cast still in bf16 too
