@@ -185,3 +185,14 @@ def test_axolotl_attention_router_reads_a_batch_s_documents_once_not_once_per_la
         assert prepare(pos) is prepare(pos)
     finally:
         sdpa_varlen.unpatch_sdpa_varlen()
+
+
+def test_a_lever_that_fails_says_so_in_one_line_and_never_raises(capsys):
+    """training.plugins.lever, the wrapper of every speed and memory lever: what it did, nothing, or why not."""
+    from training.plugins import lever
+
+    assert lever("x", lambda: ["a", "b"], "; ".join) == ["a", "b"]
+    assert capsys.readouterr().out == "loft x: a; b\n"
+    assert lever("x", lambda: []) == [] and capsys.readouterr().out == ""
+    assert lever("x", lambda: 1 / 0, failed="left as it is") is None
+    assert capsys.readouterr().out == "loft x: left as it is (ZeroDivisionError: division by zero)\n"

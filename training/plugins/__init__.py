@@ -7,7 +7,8 @@
 These dotted paths are a public API: recipes (Loft's and anyone's copied from them) name them, and a plain
 `accelerate launch -m axolotl.cli.train recipe.yaml` imports them, so renaming a module or class here breaks
 every recipe that names it. Everything here runs inside Axolotl's training process, not inside `loft`: an error
-must not cost the run (the guard disables itself rather than raise), and nothing here may import a `loft` verb.
+must not cost the run (the guard disables itself rather than raise; every speed or memory lever goes through
+`lever` below), and nothing here may import a `loft` verb.
 
   guard.py      HealthGuardPlugin: the health guard (every recipe lists it; `loft train` adds it)
   dpo.py        LoftDPOTrainer: Axolotl's DPO trainer without per-step cache flushing, LM head in chunks,
@@ -27,3 +28,16 @@ must not cost the run (the guard disables itself rather than raise), and nothing
   cpu_ranks.py  CPURanksPlugin: `loft train --gpus N` on a machine without GPUs (added by loft train)
   peak.py       the one peak-memory probe: what the guard and `loft bench speed` call the measured peak
 """
+
+
+def lever(name: str, apply, said=str, failed: str = "left off"):
+    """Apply a speed or memory lever: returns what apply() returned, and prints `loft NAME: said(result)` when that
+    is something. A lever must never cost the run: an error prints `loft NAME: FAILED (error)` and returns None."""
+    try:
+        result = apply()
+    except Exception as err:
+        print(f"loft {name}: {failed} ({type(err).__name__}: {err})", flush=True)
+        return None
+    if result:
+        print(f"loft {name}: {said(result)}", flush=True)
+    return result

@@ -41,6 +41,8 @@ computed at the first layer and reused while that tensor is alive and unchanged:
 import types
 import weakref
 
+from training.plugins import lever
+
 try:  # Axolotl is only needed in Axolotl's own process
     from axolotl.integrations.base import BasePlugin
 except ImportError:  # pragma: no cover - every Loft environment has Axolotl
@@ -194,19 +196,8 @@ class LeanStepPlugin(BasePlugin):
         # Axolotl installs its SDPA router (for packed rows only) before any plugin's pre_model_load
         if not cfg.get("sample_packing"):
             return
-        try:
-            applied = route_once()
-        except Exception as err:  # a speed lever must never cost the run
-            print(f"loft lean step: attention routing left as it is ({type(err).__name__}: {err})", flush=True)
-            return
-        if applied:
-            print(f"loft lean step: {'; '.join(applied)}", flush=True)
+        lever("lean step", route_once, "; ".join, failed="attention routing left as it is")
 
     def post_trainer_create(self, cfg, trainer):
         changes = bool(cfg.get("lisa_n_layers") or cfg.get("relora"))
-        try:
-            applied = make_lean(trainer, trainable_set_changes=changes)
-        except Exception as err:  # a speed lever must never cost the run
-            print(f"loft lean step: left off ({type(err).__name__}: {err})", flush=True)
-            return
-        print(f"loft lean step: {'; '.join(applied)}", flush=True)
+        lever("lean step", lambda: make_lean(trainer, trainable_set_changes=changes), "; ".join)

@@ -22,6 +22,8 @@ says so once and SDPA takes over.
 
 import torch
 
+from training.plugins import lever
+
 try:  # Axolotl is only needed in Axolotl's own process
     from axolotl.integrations.base import BasePlugin
 except ImportError:  # pragma: no cover - every Loft environment has Axolotl
@@ -161,10 +163,4 @@ class LongAttentionPlugin(BasePlugin):
     def post_model_build(self, cfg, model):
         if getattr(cfg, "attn_implementation", None) not in (None, "sdpa"):
             return
-        try:
-            done = install()
-        except Exception as err:  # a memory lever must never cost the run
-            print(f"loft long attention: left off ({type(err).__name__}: {err})", flush=True)
-            return
-        if done:
-            print(f"loft long attention: rows over {LONG_FROM:,} tokens attend once per K/V head", flush=True)
+        lever("long attention", install, lambda _: f"rows over {LONG_FROM:,} tokens attend once per K/V head")

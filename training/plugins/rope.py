@@ -24,6 +24,8 @@ rewritten forward resolves; Liger's own tests check the kernel against transform
 
 import sys
 
+from training.plugins import lever
+
 try:  # Axolotl is only needed in Axolotl's own process
     from axolotl.integrations.base import BasePlugin
 except ImportError:  # pragma: no cover - every Loft environment has Axolotl
@@ -63,10 +65,4 @@ class FusedRopePlugin(BasePlugin):
     """`plugins: [training.plugins.rope.FusedRopePlugin]`: `liger_rope: true` reaches the LoRA kernels' attention."""
 
     def post_model_build(self, cfg, model):
-        try:
-            changed = point_rope_at_model_module(model)
-        except Exception as err:  # a speed lever must never cost the run
-            print(f"loft rope: left as it is ({type(err).__name__}: {err})", flush=True)
-            return
-        if changed:
-            print(f"loft rope: {changed}", flush=True)
+        lever("rope", lambda: point_rope_at_model_module(model), failed="left as it is")

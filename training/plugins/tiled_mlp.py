@@ -25,6 +25,7 @@ import math
 # runs untiled, at full speed: decided beside the memory estimator, which counts them
 from training.checks.memory import MLP_TILE_TOKENS as TILE_TOKENS
 from training.checks.memory import MLP_UNTILED_UP_TO as UNTILED_UP_TO
+from training.plugins import lever
 
 try:  # Axolotl is only needed in Axolotl's own process
     from axolotl.integrations.base import BasePlugin
@@ -67,11 +68,9 @@ class TiledMLPPlugin(BasePlugin):
         if sharded(trainer):
             print("loft tiled MLP: left off (DeepSpeed/FSDP hold the weights)", flush=True)
             return
-        try:
+        def apply():
             found = mlps(trainer.model)
-            done = sum(tile(m) for m in found)
-        except Exception as err:  # a memory lever must never cost the run
-            print(f"loft tiled MLP: left off ({type(err).__name__}: {err})", flush=True)
-            return
-        print(f"loft tiled MLP: {done} of {len(found)} MLPs run in pieces of {TILE_TOKENS:,} tokens on rows longer "
-              f"than {UNTILED_UP_TO:,}", flush=True)
+            return sum(tile(m) for m in found), len(found)
+
+        lever("tiled MLP", apply, lambda counts: f"{counts[0]} of {counts[1]} MLPs run in pieces of {TILE_TOKENS:,} "
+              f"tokens on rows longer than {UNTILED_UP_TO:,}")
